@@ -1,0 +1,91 @@
+"""Benchmark of the compiled ops against PyTorch, in one process.
+
+For each op and size it prints the median time of the compiled kernel and, as ratios (baseline time / kernel
+time, so > 1 means the kernel is faster):
+  - quantile: the torch.quantile path that imagen-pytorch and diffusers use for dynamic thresholding;
+  - reference: the package's pure-PyTorch reference (eager);
+  - compiled: torch.compile (inductor) of that reference;
+  - copy: a tensor copy (one read + one write, i.e. reading the tensor twice at copy bandwidth); the GPU goal
+    is kernel <= 2x copy, i.e. this ratio >= 0.5.
+
+    python bench/ops.py                      # CPU sizes
+    python bench/ops.py --device cuda        # GPU sizes
+    python bench/ops.py --sizes 16x3x256x256 --min-time 1
+"""
+import argparse
+import json
+
+import torch
+import torch.utils.benchmark as benchmark
+
+from deepfusion_ref import ops
+
+DEFAULT_SIZES = {
+    "cpu": ["16x3x64x64", "16x3x256x256", "1x3x1024x1024", "4x3x1024x1024"],
+    "cuda": ["16x3x256x256", "4x3x1024x1024", "1x3x2048x2048", "1x16x2048x2048"],
+}
+QUANTILE_LIMIT = 2**24  # torch.quantile refuses more elements than this
+
+
+def quantile_path(x: torch.Tensor, percentile: float = 0.995) -> torch.Tensor:
+    "Dynamic thresholding as imagen-pytorch writes it: torch.quantile, clamp, divide."
+    s = torch.quantile(x.abs().reshape(x.shape[0], -1), percentile, dim=-1)
+    s = s.clamp(min=1.0).view(-1, *([1] * (x.dim() - 1)))
+    return x.clamp(-s, s) / s
+
+
+def median_ms(fn, x, min_time: float) -> float:
+    fn(x)  # warm-up (and compilation for torch.compile)
+    timer = benchmark.Timer(stmt="fn(x)", globals={"fn": fn, "x": x})
+    return timer.blocked_autorange(min_run_time=min_time).median * 1e3
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--sizes", nargs="*", help="shapes like 16x3x256x256 (default: per device)")
+    parser.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per measurement")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args()
+    if not ops.kernel_available("dynamic_threshold", args.device):
+        raise SystemExit(f"no compiled dynamic_threshold kernel for {args.device}: build the extension first")
+
+    dtype = getattr(torch, args.dtype)
+    kernel = lambda x: ops.dynamic_threshold(x, 0.995, None, impl="extension")[0]  # noqa: E731
+    reference = lambda x: ops.dynamic_threshold_reference(x, 0.995, None)[0]  # noqa: E731
+    compiled = None if args.no_compile else torch.compile(reference)
+    copy = lambda x: x.clone()  # noqa: E731
+
+    print(f"dynamic_threshold on {args.device} ({torch.get_num_threads()} threads), {args.dtype}, "
+          f"torch {torch.__version__}; ratio = baseline time / kernel time")
+    header = f"{'size':>16} {'kernel ms':>10} {'vs quantile':>12} {'vs reference':>13} {'vs compiled':>12} {'vs copy':>8}"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for size in args.sizes or DEFAULT_SIZES[args.device]:
+        shape = tuple(int(d) for d in size.split("x"))
+        x = (torch.randn(shape, device=args.device) * 3).to(dtype)
+        row = {"op": "dynamic_threshold", "size": size, "device": args.device, "dtype": args.dtype}
+        row["kernel_ms"] = median_ms(kernel, x, args.min_time)
+        if x[0].numel() <= QUANTILE_LIMIT:
+            row["quantile_ms"] = median_ms(quantile_path, x, args.min_time)
+        row["reference_ms"] = median_ms(reference, x, args.min_time)
+        if compiled is not None:
+            row["compiled_ms"] = median_ms(compiled, x, args.min_time)
+        row["copy_ms"] = median_ms(copy, x, args.min_time)
+        rows.append(row)
+
+        def ratio(key):
+            return f"{row[key] / row['kernel_ms']:.2f}x" if key in row else "n/a"
+
+        print(f"{size:>16} {row['kernel_ms']:>10.3f} {ratio('quantile_ms'):>12} {ratio('reference_ms'):>13} "
+              f"{ratio('compiled_ms'):>12} {ratio('copy_ms'):>8}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
