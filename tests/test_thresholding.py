@@ -195,7 +195,7 @@ def test_opcheck(dtype):
     torch.library.opcheck(op, (x.detach(), 0.9, 2.0))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", ["auto"] + IMPLS)
 def test_torch_compile_full_graph(impl):
     def sample_step(x):
         return dynamic_threshold(x * 2.0, 0.99, impl=impl) - 0.5

@@ -3,7 +3,7 @@
 #   1. notebooks, package and README agree: nbdev_export, nbdev_clean and tools/readme.py change nothing;
 #   2. every CUDA source compiles with nvcc (nothing runs without a GPU);
 #   3. pytest on tests/ (CUDA tests run only where a GPU is present);
-#   4. nbdev_test on nbs/ (every notebook, pipelines included, executed top to bottom).
+#   4. nbdev_test on nbs/ (every notebook, pipelines included, executed top to bottom; `#| cuda` cells on a GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -32,4 +32,6 @@ step "pytest tests/"
 python -m pytest tests -q -p no:cacheprovider
 
 step "nbdev_test nbs/"
-nbdev_test --path nbs --do_print --timing
+# Cells flagged `#| cuda` run only where a GPU is present.
+flags=$(python -c "import torch; print('cuda' if torch.cuda.is_available() else '')")
+nbdev_test --path nbs --flags "$flags" --do_print --timing
