@@ -28,7 +28,10 @@ def compiled_core():
                          "`pip install --no-build-isolation -e .` (or set DEEPFUSION_REF_NO_EXTENSION=1)") from e
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    cxx_flags = ["-O3"]  # the C++ standard is torch's choice (c++20 for torch 2.13)
+    # The C++ standard is torch's choice (c++20 for torch 2.13). -fopenmp: at::parallel_for is a header template
+    # that expands to `#pragma omp parallel` in *our* translation unit, so without it the CPU kernels run on one
+    # thread. The resulting libgomp.so.1 dependency resolves to the copy torch has already loaded.
+    cxx_flags = ["-O3", "-fopenmp"]
     sources = ["csrc/ops.cpp"]
     with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
                  and os.environ.get("DEEPFUSION_REF_NO_CUDA") != "1")
@@ -37,9 +40,11 @@ def compiled_core():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
         ext = CUDAExtension("deepfusion_ref._C", sources,
-                            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]})
+                            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+                            extra_link_args=["-fopenmp"])
     else:
-        ext = CppExtension("deepfusion_ref._C", sources, extra_compile_args={"cxx": cxx_flags})
+        ext = CppExtension("deepfusion_ref._C", sources, extra_compile_args={"cxx": cxx_flags},
+                           extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
 
 

@@ -36,7 +36,8 @@ def quantile_path(x: torch.Tensor, percentile: float = 0.995) -> torch.Tensor:
 
 def median_ms(fn, x, min_time: float) -> float:
     fn(x)  # warm-up (and compilation for torch.compile)
-    timer = benchmark.Timer(stmt="fn(x)", globals={"fn": fn, "x": x})
+    # Timer runs on one thread unless told otherwise; measure with torch's current thread count.
+    timer = benchmark.Timer(stmt="fn(x)", globals={"fn": fn, "x": x}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_time).median * 1e3
 
 

@@ -4,8 +4,9 @@
 // same schema in csrc/cuda/. The Python front (deepfusion_ref/ops.py) adds fake (meta) and autograd
 // registrations and holds the pure-PyTorch reference each kernel is tested against.
 //
-// Parallelism uses at::parallel_for, i.e. torch's own OpenMP pool: linking a second OpenMP runtime
-// (-fopenmp) into the extension would give the process two thread pools fighting for the same cores.
+// Parallelism: at::parallel_for, torch's OpenMP front (setup.py compiles with -fopenmp, which that header template
+// needs to expand into `#pragma omp parallel` here). It respects torch.set_num_threads and, because our libgomp
+// dependency resolves to the runtime torch has already loaded, shares torch's thread pool.
 
 #include <Python.h>
 
@@ -126,8 +127,25 @@ float select_scale_histogram(const scalar_t* x, int64_t n, const QuantilePlan& p
   std::vector<std::array<int64_t, kTopBins>> local(threads);
   for (auto& h : local) h.fill(0);
   at::parallel_for(0, n, kParallelGrain, [&](int64_t begin, int64_t end) {
+    // Four interleaved 32-bit sub-histograms: neighbouring elements usually fall in the same bin, and
+    // incrementing one counter back to back serialises on store-to-load forwarding. Flushed every 2^30
+    // elements so the 32-bit counters cannot overflow.
     auto& h = local[at::get_thread_num()];
-    for (int64_t i = begin; i < end; ++i) ++h[abs_key<float>(static_cast<float>(x[i])) >> kTopShift];
+    std::vector<uint32_t> sub(4 * kTopBins);
+    for (int64_t block = begin; block < end; block += int64_t(1) << 30) {
+      const int64_t stop = std::min(end, block + (int64_t(1) << 30));
+      std::fill(sub.begin(), sub.end(), 0u);
+      int64_t i = block;
+      for (; i + 4 <= stop; i += 4) {
+        ++sub[0 * kTopBins + (abs_key<float>(static_cast<float>(x[i + 0])) >> kTopShift)];
+        ++sub[1 * kTopBins + (abs_key<float>(static_cast<float>(x[i + 1])) >> kTopShift)];
+        ++sub[2 * kTopBins + (abs_key<float>(static_cast<float>(x[i + 2])) >> kTopShift)];
+        ++sub[3 * kTopBins + (abs_key<float>(static_cast<float>(x[i + 3])) >> kTopShift)];
+      }
+      for (; i < stop; ++i) ++sub[abs_key<float>(static_cast<float>(x[i])) >> kTopShift];
+      for (int b = 0; b < kTopBins; ++b)
+        h[b] += int64_t(sub[b]) + sub[kTopBins + b] + sub[2 * kTopBins + b] + sub[3 * kTopBins + b];
+    }
   });
   std::array<int64_t, kTopBins> hist{};
   for (const auto& h : local)
