@@ -172,6 +172,20 @@ def test_flow_loss_of_exact_velocity_is_its_irreducible_part():
     assert abs(loss - expected) < 0.01, (loss, expected)
 
 
+def test_euler_in_sigma_is_flow_matching_euler_in_t():
+    # The EDM Euler step through FlowDenoiser equals the plain flow-matching Euler step x_t += (t' - t) v,
+    # written here independently, at t = sigma / (1 + sigma).
+    v = gaussian_flow_velocity(0.6)
+    sigmas = S.karras_sigmas(12)
+    noise = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ours = S.sample_euler(S.FlowDenoiser(v), noise * sigmas[0], sigmas, progress=False)
+    ts = (sigmas / (1 + sigmas)).tolist()
+    x_t = noise * ts[0]  # = sigma_0 n / (1 + sigma_0)
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        x_t = x_t + (t_next - t) * v(x_t, torch.full((5,), t, dtype=torch.float64))
+    torch.testing.assert_close(ours, x_t, rtol=1e-9, atol=1e-12)
+
+
 def test_flow_and_vp_wrappers_invert_their_parameterisations():
     sigma = torch.tensor([0.01, 0.3, 1.0, 7.0, 60.0], dtype=torch.float64)
     t = sigma / (1 + sigma)
