@@ -228,9 +228,11 @@ def sample_heun(denoiser: Callable, x: torch.Tensor, sigmas, extra_args: dict | 
 
 # %% ../nbs/03_schedules.ipynb 18
 def concat_conditions(a, b):
-    "Concatenate two conditions along the batch dim: tensors, None, or dicts/tuples/lists of those (leaf by leaf)."
+    "Concatenate two conditions along the batch: tensors, None, objects with `batch_cat`, or dicts/tuples/lists of those."
     if a is None and b is None:
         return None
+    if type(a) is type(b) and hasattr(a, "batch_cat"):  # e.g. text.LayerStack, whose batch is not dim 0
+        return a.batch_cat(b)
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         return torch.cat([a, b])
     if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():

@@ -1,0 +1,220 @@
+"""LanguageModel against the transformers models it wraps: tiny Llama, Qwen2, T5, BERT and Qwen2-VL built from
+configs, saved and loaded back; the stack must equal the model's own output_hidden_states, the masks the
+tokenizer's; plus run-once caching, padding invariance, templates, truncation, and the packaged MiniLM."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from deepfusion_ref.schedules import GuidedDenoiser, karras_sigmas, sample_euler  # noqa: E402
+from deepfusion_ref.text import (LanguageModel, LayerStack, build_caption_lm, model_kind,  # noqa: E402
+                                 packaged_minilm_path, train_bpe_tokenizer)
+
+hf_logging.disable_progress_bar()
+hf_logging.set_verbosity_error()
+
+CAPTIONS = [f"a {c} {s} {r} a {c2} {s2}" for c in ("red", "green", "blue", "yellow") for s in ("circle", "square", "star")
+            for r in ("left of", "above") for c2 in ("cream", "purple") for s2 in ("triangle", "disc")]
+PROMPTS = ["a red circle above a purple disc", "a star", "two blue squares left of a yellow triangle"]
+
+
+def _save(model, tokenizer, path, image_processor=None):
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    if image_processor is not None:
+        image_processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    "Folders of tiny real transformers models, built from configs and saved with save_pretrained."
+    root = tmp_path_factory.mktemp("tiny_models")
+    torch.manual_seed(0)
+    tok = train_bpe_tokenizer(CAPTIONS, vocab_size=300)
+    small = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    folders = {
+        "llama": _save(transformers.LlamaForCausalLM(transformers.LlamaConfig(**small)), tok, root / "llama"),
+        "qwen2": _save(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**small)), tok, root / "qwen2"),
+    }
+    t5_tok = train_bpe_tokenizer(CAPTIONS, vocab_size=300, add_bos=False, add_eos=True)  # T5 appends </s>
+    t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=64,
+                                                           num_layers=2, num_heads=4, pad_token_id=t5_tok.pad_token_id))
+    folders["t5"] = _save(t5, t5_tok, root / "t5")
+    bert_tok = transformers.AutoTokenizer.from_pretrained(packaged_minilm_path(), local_files_only=True)
+    bert = transformers.BertModel(transformers.BertConfig(vocab_size=bert_tok.vocab_size, hidden_size=32,
+                                                          num_hidden_layers=2, num_attention_heads=4,
+                                                          intermediate_size=64), add_pooling_layer=False)
+    folders["bert"] = _save(bert, bert_tok, root / "bert")
+
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                                                     "<|vision_end|>")}
+    vl_config = transformers.Qwen2VLConfig(
+        text_config=dict(small, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                 "mrope_section": [2, 1, 1]}),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    folders["qwen2_vl"] = _save(transformers.Qwen2VLForConditionalGeneration(vl_config), tok, root / "qwen2_vl",
+                                Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112))
+    return folders
+
+
+@pytest.mark.parametrize("name, kind", [("llama", "causal"), ("qwen2", "causal"), ("t5", "t5"), ("bert", "encoder"),
+                                        ("qwen2_vl", "qwen2_vl")])
+def test_stack_equals_models_own_hidden_states(tiny_models, name, kind):
+    lm = LanguageModel.from_pretrained(tiny_models[name], max_length=64)
+    assert lm.kind == kind and model_kind(lm.model.config) == kind
+    stack = lm.encode(PROMPTS)
+    enc = lm.tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        own = lm.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                       output_hidden_states=True).hidden_states
+    assert stack.hidden.shape == (lm.num_layers, len(PROMPTS), enc["input_ids"].shape[1], lm.hidden_size)
+    assert torch.equal(stack.mask, enc["attention_mask"].bool())
+    for i in range(lm.num_layers):  # exactly, at every real token; zeros at padding
+        assert torch.equal(stack.hidden[i][stack.mask], own[i + 1][stack.mask])
+        assert (stack.hidden[i][~stack.mask] == 0).all()
+    pooled = (own[-1] * stack.mask[..., None]).sum(1) / stack.mask.sum(1, keepdim=True)
+    torch.testing.assert_close(stack.pooled, pooled)
+
+
+def test_include_embeddings_adds_the_embedding_output(tiny_models):
+    lm = LanguageModel.from_pretrained(tiny_models["llama"], include_embeddings=True)
+    stack = lm.encode("a star")
+    enc = lm.tokenizer(["a star"], return_tensors="pt")
+    with torch.no_grad():
+        own = lm.model(**enc, output_hidden_states=True).hidden_states
+    assert stack.num_layers == len(own) and torch.equal(stack.hidden[0, 0], own[0][0])
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "t5", "bert"])
+def test_padding_invariance(tiny_models, name):
+    lm = LanguageModel.from_pretrained(tiny_models[name])
+    alone = lm.encode("a star")
+    lm.clear_cache()
+    batch = lm.encode(["two blue squares left of a yellow triangle and a red star", "a star"])
+    n = alone.mask.sum()
+    torch.testing.assert_close(batch.hidden[:, 1, :n], alone.hidden[:, 0, :n], rtol=1e-5, atol=1e-5)
+    assert batch.mask[1].sum() == n
+
+
+def test_language_model_runs_once_per_prompt_during_guided_sampling(tiny_models):
+    lm = LanguageModel.from_pretrained(tiny_models["llama"])
+    calls = []
+    lm.model.register_forward_hook(lambda *args: calls.append(1))
+    seen = []
+
+    def denoiser(x, sigma, cond: LayerStack):  # a stand-in network that reads the stack
+        seen.append(cond.hidden.shape[1])
+        return x * 0.9 + 0.0 * cond.pooled.mean(1, keepdim=True)
+
+    def naive_guided(x, sigma):  # encodes the prompt and the empty prompt at *every* step
+        return GuidedDenoiser(denoiser, lm.encode("a red circle above a purple disc"), lm.encode(""), 5.0)(x, sigma)
+
+    sample_euler(naive_guided, torch.randn(1, 4), karras_sigmas(50), progress=False)
+    assert len(calls) == 2  # once for the prompt, once for the empty prompt
+    assert seen == [2] * 50  # cond and uncond stacks concatenated into one network call per step
+    lm.encode("a new prompt")
+    assert len(calls) == 3
+
+
+def test_template_tokens_are_dropped(tiny_models):
+    plain = LanguageModel.from_pretrained(tiny_models["llama"])
+    templated = LanguageModel.from_pretrained(tiny_models["llama"],
+                                              template="System: draw what the user asks.\nUser: {prompt}\nAssistant:")
+    for prompt in PROMPTS:
+        n_prompt = len(plain.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        stack = templated.encode(prompt)
+        assert stack.mask.sum() == n_prompt
+        # the kept positions saw the template: their states differ from the prompt encoded alone
+        assert not torch.allclose(stack.hidden[-1, 0, :n_prompt], plain.encode(prompt).hidden[-1, 0, 1:n_prompt + 1])
+    with pytest.raises(ValueError, match="template"):
+        LanguageModel.from_pretrained(tiny_models["llama"], template="no placeholder")
+
+
+def test_truncation_warns_with_the_number_dropped(tiny_models):
+    lm = LanguageModel.from_pretrained(tiny_models["llama"], max_length=8)
+    prompt = "a red circle above a purple disc and a green star left of a cream triangle"
+    total = len(lm.tokenizer(prompt)["input_ids"])
+    with pytest.warns(UserWarning, match=f"{total - 8} tokens dropped"):
+        stack = lm.encode(prompt)
+    assert stack.hidden.shape[2] == 8
+
+
+def test_t5_in_float16_warns(tiny_models):
+    with pytest.warns(RuntimeWarning, match="float16"):
+        LanguageModel.from_pretrained(tiny_models["t5"], dtype=torch.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        LanguageModel.from_pretrained(tiny_models["t5"], dtype=torch.bfloat16)
+
+
+def test_qwen2_vl_image_adds_visual_tokens(tiny_models):
+    from PIL import Image
+
+    lm = LanguageModel.from_pretrained(tiny_models["qwen2_vl"])
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(2)]
+    text_only = lm.encode(["a star", "a red circle"])
+    with_image = lm.encode(["a star", "a red circle"], images=images)
+    grid = lm.image_processor(images=images[:1], return_tensors="pt")["image_grid_thw"]
+    n_visual = int(grid.prod()) // lm.image_processor.merge_size**2
+    assert (with_image.mask.sum(1) == text_only.mask.sum(1) + n_visual + 2).all()  # + vision start/end tokens
+    other = lm.encode(["a star", "a red circle"], images=images[::-1])
+    assert not torch.allclose(with_image.hidden[-1, 0], other.hidden[-1, 0])  # the image matters
+    with pytest.raises(ValueError, match="images"):
+        lm.encode(["a star"], images=images)
+
+
+def test_missing_folders_and_processor_give_clear_errors(tiny_models, tmp_path):
+    with pytest.raises(FileNotFoundError, match="path_or_id"):
+        LanguageModel.from_pretrained(tmp_path / "nowhere")
+    broken = tmp_path / "vl_without_processor"
+    broken.mkdir()
+    for f in tiny_models["qwen2_vl"].iterdir():
+        if f.name != "preprocessor_config.json":
+            (broken / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(FileNotFoundError, match="image processor"):
+        LanguageModel.from_pretrained(broken)
+    text_lm = LanguageModel.from_pretrained(tiny_models["llama"])
+    with pytest.raises(ValueError, match="images"):
+        text_lm.encode(["a star"], images=[None])
+    with pytest.raises(ValueError, match="prompts"):
+        text_lm.encode([])
+
+
+def test_layer_stack_helpers():
+    a = LayerStack(torch.ones(3, 1, 2, 4), torch.ones(1, 2, dtype=torch.bool), torch.ones(1, 4))
+    b = LayerStack(torch.ones(3, 1, 5, 4) * 2, torch.ones(1, 5, dtype=torch.bool), torch.ones(1, 4))
+    both = LayerStack.stack([a, b])
+    assert both.hidden.shape == (3, 2, 5, 4) and both.mask.sum(1).tolist() == [2, 5]
+    assert both.layers([2, 0]).shape == (2, 2, 5, 4)
+    with pytest.raises(ValueError, match="layer indices"):
+        both.layers([3])
+
+
+def test_packaged_minilm_matches_sentence_transformers():
+    st = pytest.importorskip("sentence_transformers")
+    path = packaged_minilm_path()
+    lm = LanguageModel.from_pretrained(path, max_length=128)
+    sentences = ["A red circle above a small blue square.", "Two green triangles on a cream background, far apart."]
+    ours = torch.nn.functional.normalize(lm.encode(sentences).pooled, dim=-1)
+    reference = st.SentenceTransformer(str(path), device="cpu").encode(sentences, convert_to_tensor=True)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_build_caption_lm_learns_and_loads(tmp_path):
+    path = build_caption_lm(CAPTIONS, tmp_path / "lm", vocab_size=300, layers=2, dim=32, steps=40, progress=False)
+    losses = [float(v) for v in (path / "train_losses.txt").read_text().split()]
+    assert losses[-1] < 0.6 * losses[0]
+    lm = LanguageModel.from_pretrained(path)
+    assert lm.kind == "causal" and lm.num_layers == 2 and lm.encode(CAPTIONS[:4]).hidden.shape[:2] == (2, 4)
