@@ -141,6 +141,17 @@ def test_template_tokens_are_dropped(tiny_models):
         LanguageModel.from_pretrained(tiny_models["llama"], template="no placeholder")
 
 
+def test_chat_template_tokens_are_dropped(tiny_models):
+    lm = LanguageModel.from_pretrained(tiny_models["llama"], template="chat")
+    lm.tokenizer.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                                  "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+    prompt = "a red circle above a purple disc"
+    rendered, start = lm._render(prompt)
+    assert rendered.startswith("<s>user: ") and rendered[start:start + len(prompt)] == prompt
+    n_prompt = len(lm.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert lm.encode(prompt).mask.sum() == n_prompt
+
+
 def test_truncation_warns_with_the_number_dropped(tiny_models):
     lm = LanguageModel.from_pretrained(tiny_models["llama"], max_length=8)
     prompt = "a red circle above a purple disc and a green star left of a cream triangle"
