@@ -1,0 +1,194 @@
+"""Attention and the deep-fusion DiT: RoPE against diffusers and the relative-position property, adaLN-Zero identity
+at initialisation, padding invariance, layer routing (hooks), shapes and gradients on several grids with skips and
+down-sampling, checkpointing, and the save/load round trip."""
+import pytest
+import torch
+
+from deepfusion_ref.attention import JointAttention, apply_rope, grid_ids, rope_cos_sin, text_ids
+from deepfusion_ref.dit import DeepFusionDiT
+from deepfusion_ref.schedules import EDMPrecond, GuidedDenoiser
+from deepfusion_ref.text import LayerStack
+
+L, TEXT_DIM = 6, 24
+
+
+def make_model(seed=0, randomize=True, **overrides):
+    cfg = dict(in_channels=4, patch_size=2, hidden_size=32, depth=4, num_heads=2, text_dim=TEXT_DIM, num_llm_layers=L,
+               rope_axes=(4, 6, 6))
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = DeepFusionDiT(**cfg)
+    if randomize:  # move away from the zero initialisation so every path influences the output
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def make_stack(batch=2, length=5, lengths=None, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    lengths = lengths or [length] * batch
+    mask = torch.zeros(batch, length, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = True
+    hidden = torch.randn(L, batch, length, TEXT_DIM, generator=g) * mask[None, ..., None]
+    return LayerStack(hidden, mask)
+
+
+# --- RoPE ---------------------------------------------------------------------------------------------------------
+
+
+def test_rope_frequencies_equal_diffusers_flux_pos_embed():
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.models.transformers.transformer_flux import FluxPosEmbed
+
+    ids = torch.cat([text_ids(9), grid_ids(7, 13)])
+    for axes in [(16, 56, 56), (8, 12, 12), (4, 6, 6)]:
+        cos, sin = rope_cos_sin(ids, axes, 10000.0)
+        ref_cos, ref_sin = FluxPosEmbed(theta=10000, axes_dim=list(axes))(ids.float())
+        torch.testing.assert_close(cos, ref_cos.float(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(sin, ref_sin.float(), atol=1e-6, rtol=0)
+
+
+def test_rope_scores_depend_only_on_the_2d_offset():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 24), torch.randn(1, 1, 1, 24)
+
+    def score(pq, pk):
+        cos, sin = rope_cos_sin(torch.tensor([[0, *pq], [0, *pk]]), (0, 12, 12))
+        return (apply_rope(q, cos[:1], sin[:1]) * apply_rope(k, cos[1:], sin[1:])).sum()
+
+    for offset in [(0, 0), (1, -2), (-5, 3), (7, 7)]:
+        values = torch.stack([score((a + offset[0], b + offset[1]), (a, b)) for a, b in [(0, 0), (3, 9), (20, 4)]])
+        torch.testing.assert_close(values, values[:1].expand(3), atol=1e-4, rtol=0)
+    assert not torch.allclose(score((1, 0), (0, 0)), score((0, 1), (0, 0)))  # rows and columns are distinct axes
+
+
+# --- attention ----------------------------------------------------------------------------------------------------
+
+
+def test_joint_attention_masks_padding_exactly():
+    torch.manual_seed(0)
+    attn = JointAttention(16, 2).eval()
+    x, text = torch.randn(1, 6, 16), torch.randn(1, 4, 16)
+    rope = rope_cos_sin(torch.cat([text_ids(4), grid_ids(2, 3)]), (2, 2, 4))
+    mask = torch.tensor([[True, True, False, False]])
+    out, weights = attn(x, text, mask, rope, return_weights=True)
+    assert (weights[..., 2:4] == 0).all()
+    garbage = text.clone()
+    garbage[:, 2:] = 1e3  # what sits at padded positions must not matter
+    torch.testing.assert_close(attn(x, garbage, mask, rope), out, atol=1e-6, rtol=1e-6)
+
+
+# --- the DiT ------------------------------------------------------------------------------------------------------
+
+
+def test_adaln_zero_blocks_are_identity_at_init():
+    model = make_model(randomize=False, downsample=False)
+    stack = make_stack()
+    tokens = torch.randn(2, 64, 32)
+    emb = torch.randn(2, 32)
+    rope = model._rope(5, 8, 8, "cpu")
+    for block in model.blocks:
+        torch.testing.assert_close(block(tokens, emb, stack.hidden[0], stack.mask, rope), tokens)
+    out = model(torch.randn(2, 4, 16, 16), torch.zeros(2), stack)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("downsample", [False, True])
+def test_padding_invariance(downsample):
+    model = make_model(downsample=downsample)
+    x = torch.randn(2, 4, 16, 16)
+    padded = make_stack(batch=2, length=7, lengths=[3, 7])
+    alone = LayerStack(padded.hidden[:, :1, :3], padded.mask[:1, :3])
+    c_noise = torch.tensor([0.3, -0.2])
+    torch.testing.assert_close(model(x[:1], c_noise[:1], alone), model(x, c_noise, padded)[:1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fusion, strategy, expected", [
+    ("deep", "uniform", [0, 2, 3, 5]), ("deep", "offset", [2, 3, 4, 5]), ("last", "uniform", [5, 5, 5, 5])])
+def test_layer_routing(fusion, strategy, expected):
+    model = make_model(fusion=fusion, layer_strategy=strategy, layer_offset=2 if strategy == "offset" else 0)
+    assert model.layer_indices == expected
+    stack = make_stack()
+    seen = {}
+    for i, block in enumerate(model.blocks):
+        block.text_proj.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0]))
+    model(torch.randn(2, 4, 16, 16), torch.zeros(2), stack)
+    for i, layer in enumerate(expected):
+        assert torch.equal(seen[i], stack.hidden[layer])
+
+
+@pytest.mark.parametrize("size", [(16, 16), (16, 32), (24, 12)])  # grids 8x8, 8x16, 12x6 at patch 2
+@pytest.mark.parametrize("long_skips", [False, True])
+@pytest.mark.parametrize("downsample", [False, True])
+def test_shapes_and_gradients(size, long_skips, downsample):
+    model = make_model(long_skips=long_skips, downsample=downsample, depth=5).train()
+    x = torch.randn(2, 4, *size, requires_grad=True)
+    out = model(x, torch.tensor([0.1, 0.7]), make_stack())
+    assert out.shape == x.shape
+    out.square().mean().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_output_depends_on_the_text():
+    model = make_model()
+    x = torch.randn(2, 4, 16, 16)
+    a, b = make_stack(seed=1), make_stack(seed=2)
+    assert not torch.allclose(model(x, torch.zeros(2), a), model(x, torch.zeros(2), b))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = make_model(downsample=True).train()
+    x = torch.randn(2, 4, 16, 16)
+    stack = make_stack()
+
+    def grads():
+        model.zero_grad()
+        model(x, torch.zeros(2), stack).square().sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = grads()
+    model.enable_gradient_checkpointing()
+    assert model.gradient_checkpointing
+    for g1, g2 in zip(plain, grads()):
+        torch.testing.assert_close(g1, g2, atol=1e-6, rtol=1e-5)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = make_model(downsample=True, fusion="deep", layer_strategy="offset", layer_offset=1, depth=5)
+    model.save_pretrained(tmp_path / "dit")
+    assert (tmp_path / "dit" / "diffusion_pytorch_model.safetensors").exists()
+    loaded = DeepFusionDiT.from_pretrained(tmp_path / "dit").eval()
+    x, stack = torch.randn(2, 4, 16, 32), make_stack()
+    assert loaded.layer_indices == model.layer_indices
+    assert torch.equal(loaded(x, torch.ones(2), stack), model(x, torch.ones(2), stack))
+
+
+def test_guided_edm_denoiser_with_layer_stacks():
+    # The DiT as EDM's F, guided with a LayerStack condition and the empty prompt's (different lengths):
+    # one batched call, and w = 1 equals the conditional denoiser alone.
+    denoiser = EDMPrecond(make_model())
+    cond, uncond = make_stack(batch=1, length=5, seed=3), make_stack(batch=1, length=2, seed=4)
+    x, sigma = torch.randn(1, 4, 16, 16), torch.tensor([2.0])
+    torch.testing.assert_close(GuidedDenoiser(denoiser, cond, uncond, 1.0)(x, sigma), denoiser(x, sigma, cond))
+    d_c, d_u = denoiser(x, sigma, cond), denoiser(x, sigma, uncond)
+    torch.testing.assert_close(GuidedDenoiser(denoiser, cond, uncond, 4.0)(x, sigma), d_u + 4 * (d_c - d_u),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_bad_input_is_named():
+    model = make_model(downsample=True)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        model(torch.randn(1, 4, 18, 16), torch.zeros(1), make_stack(batch=1))
+    with pytest.raises(ValueError, match="channels"):
+        model(torch.randn(1, 3, 16, 16), torch.zeros(1), make_stack(batch=1))
+    with pytest.raises(ValueError, match="cond"):
+        model(torch.randn(1, 4, 16, 16), torch.zeros(1), LayerStack(torch.randn(3, 1, 5, TEXT_DIM),
+                                                                   torch.ones(1, 5, dtype=torch.bool)))
+    with pytest.raises(ValueError, match="fusion"):
+        DeepFusionDiT(fusion="kv", hidden_size=32, num_heads=2, rope_axes=(4, 6, 6))
+    with pytest.raises(ValueError, match="rope_axes"):
+        DeepFusionDiT(hidden_size=32, num_heads=2, rope_axes=(8, 12, 12))
