@@ -1,4 +1,5 @@
-"""Benchmark of the compiled ops against PyTorch, in one process.
+"""Benchmark of the compiled ops against PyTorch, in one process: dynamic thresholding, then the DiT's
+adaln_norm and rope (forward, and forward+backward, vs the eager and torch.compile'd references).
 
 For each op and size it prints the median time of the compiled kernel and, as ratios (baseline time / kernel
 time, so > 1 means the kernel is faster):
@@ -83,9 +84,53 @@ def main():
 
         print(f"{size:>16} {row['kernel_ms']:>10.3f} {ratio('quantile_ms'):>12} {ratio('reference_ms'):>13} "
               f"{ratio('compiled_ms'):>12} {ratio('copy_ms'):>8}")
+    rows += bench_dit_ops(args, dtype)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+
+
+DIT_SIZES = {"cpu": [(4, 256, 384, 6), (2, 1024, 768, 12)], "cuda": [(4, 1024, 1536, 24), (2, 4096, 3072, 24)]}
+
+
+def bench_dit_ops(args, dtype):
+    "adaln_norm and rope, forward and forward+backward, vs the eager and compiled references."
+    device = args.device
+    print(f"\nDiT ops on {device}, {args.dtype}: batch x tokens x width (heads); ratio = baseline / kernel")
+    header = f"{'op':>12} {'size':>18} {'pass':>8} {'kernel ms':>10} {'vs reference':>13} {'vs compiled':>12}"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for b, n, d, heads in DIT_SIZES[device]:
+        x = torch.randn(b, n, d, device=device, dtype=dtype, requires_grad=True)
+        shift = torch.randn(b, d, device=device, dtype=dtype, requires_grad=True)
+        scale = torch.randn(b, d, device=device, dtype=dtype, requires_grad=True)
+        q = torch.randn(b, heads, n, d // heads, device=device, dtype=dtype, requires_grad=True)
+        angles = torch.rand(n, d // heads // 2, device=device) * 10
+        cos, sin = angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)
+        cases = {
+            "adaln_norm": (lambda impl: (lambda t: ops.adaln_norm(t, shift, scale, impl=impl)), x,
+                           lambda t: ops.adaln_norm_reference(t, shift, scale)),
+            "rope": (lambda impl: (lambda t: ops.rope(t, cos, sin, impl=impl)), q,
+                     lambda t: ops.rope_reference(t, cos, sin)),
+        }
+        for name, (make, inp, reference) in cases.items():
+            compiled = None if args.no_compile else torch.compile(reference)
+            for pass_ in ("fwd", "fwd+bwd"):
+                def timed(fn):
+                    if pass_ == "fwd":
+                        return lambda t: fn(t.detach())
+                    return lambda t: fn(t).sum().backward()
+                row = {"op": name, "size": f"{b}x{n}x{d}", "pass": pass_, "device": device, "dtype": args.dtype}
+                row["kernel_ms"] = median_ms(timed(make("extension")), inp, args.min_time)
+                row["reference_ms"] = median_ms(timed(reference), inp, args.min_time)
+                if compiled is not None:
+                    row["compiled_ms"] = median_ms(timed(compiled), inp, args.min_time)
+                rows.append(row)
+                ratio = lambda k: f"{row[k] / row['kernel_ms']:.2f}x" if k in row else "n/a"  # noqa: E731
+                print(f"{name:>12} {row['size']:>18} {pass_:>8} {row['kernel_ms']:>10.3f} {ratio('reference_ms'):>13} "
+                      f"{ratio('compiled_ms'):>12}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
+
 # %% ../nbs/06_attention.ipynb 4
 def rope_angles(positions: torch.Tensor, dim: int, theta: float = 10000.0) -> torch.Tensor:
     "Rotation angles [N, dim // 2] for integer or real `positions` [N] on one axis: p * theta^(-2j/dim)."
@@ -45,10 +47,8 @@ def text_ids(length: int, use_position: bool = True, device=None) -> torch.Tenso
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    "Rotate channel pairs of x [B, heads, N, head_dim] by the angles behind cos/sin [N, head_dim] (reference)."
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    rotated = torch.stack([-x2, x1], dim=-1).flatten(-2)
-    return (x.float() * cos + rotated * sin).to(x.dtype)
+    "Rotate channel pairs of x [B, heads, N, head_dim] by the angles behind cos/sin [N, head_dim] (compiled op)."
+    return ops.rope(x, cos, sin)
 
 # %% ../nbs/06_attention.ipynb 8
 class JointAttention(nn.Module):

@@ -26,3 +26,18 @@ cudaError_t dynamic_threshold_launch(const void* x, void* y, float* scale_out, i
 
 }  // namespace cuda
 }  // namespace deepfusion_ref
+
+namespace deepfusion_ref { namespace cuda {
+// adaLN normalisation of DiT blocks: y = norm(x) * (1 + scale[b]) + shift[b] over the last dim, x [batch, n, d]
+// contiguous, shift/scale [batch, d] in x's dtype; norm = LayerNorm (rms = false) or RMSNorm, without affine.
+cudaError_t adaln_norm_launch(const void* x, const void* shift, const void* scale, void* y, int64_t batch, int64_t n,
+                              int64_t d, DType dtype, double eps, bool rms, cudaStream_t stream);
+// Its gradients: grad_x in x's dtype; grad_shift and grad_scale are float32 [batch, d] accumulators the caller
+// zeroes beforehand (they receive sums over the n tokens).
+cudaError_t adaln_norm_backward_launch(const void* grad, const void* x, const void* scale, void* grad_x,
+                                       float* grad_shift, float* grad_scale, int64_t batch, int64_t n, int64_t d,
+                                       DType dtype, double eps, bool rms, cudaStream_t stream);
+// RoPE on channel pairs: x [rows, dh] with token index (row % n), cos/sin float32 [n, dh]; y may not alias x.
+cudaError_t rope_launch(const void* x, const float* cos, const float* sin, void* y, int64_t rows, int64_t n,
+                        int64_t dh, DType dtype, cudaStream_t stream);
+}}  // namespace deepfusion_ref::cuda

@@ -1,6 +1,5 @@
-// Thin torch binding of the CUDA dynamic-thresholding kernels (csrc/cuda/kernels.h).
-// The schema `dynamic_threshold(Tensor x, float percentile, float? max_value) -> (Tensor, Tensor)` is
-// declared in csrc/ops.cpp; this file only registers the CUDA implementation.
+// Thin torch binding of the CUDA kernels (csrc/cuda/kernels.h): dynamic_threshold, adaln_norm(+backward), rope.
+// The schemas are declared in csrc/ops.cpp; this file only registers the CUDA implementations.
 //
 // ATen/cuda/CUDAContext.h is deliberately not included: it pulls in cuBLAS/cuSPARSE headers.
 // The c10/cuda headers give the current stream and the device guard without them.
@@ -12,6 +11,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
@@ -24,26 +24,27 @@
 namespace deepfusion_ref {
 namespace {
 
+// The kernels' storage dtypes; float64 is left to the Python reference (the dispatcher never sends it here).
+cuda::DType cuda_dtype(const at::Tensor& x, const char* op) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return cuda::DType::Float32;
+    case at::kHalf: return cuda::DType::Float16;
+    case at::kBFloat16: return cuda::DType::BFloat16;
+    default:
+      TORCH_CHECK(false, op, " (CUDA): unsupported dtype ", x.scalar_type(),
+                  "; supported are float32, float16 and bfloat16 (float64 uses the Python reference)");
+  }
+}
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, op, " (CUDA): kernel launch failed: ", cudaGetErrorString(err));
+}
+
 std::tuple<at::Tensor, at::Tensor> dynamic_threshold_cuda(const at::Tensor& x, double percentile, std::optional<double> max_value) {
   TORCH_CHECK(x.is_cuda(), "dynamic_threshold (CUDA): x must be a CUDA tensor, got device ", x.device());
   TORCH_CHECK(x.dim() >= 1, "dynamic_threshold: x must have at least 1 dimension (batch first), got a 0-d tensor");
 
-  cuda::DType dtype = cuda::DType::Float32;
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      dtype = cuda::DType::Float32;
-      break;
-    case at::kHalf:
-      dtype = cuda::DType::Float16;
-      break;
-    case at::kBFloat16:
-      dtype = cuda::DType::BFloat16;
-      break;
-    default:
-      TORCH_CHECK(false, "dynamic_threshold (CUDA): unsupported dtype ", x.scalar_type(),
-                  "; supported are float32, float16 and bfloat16 (float64 is handled by the Python reference "
-                  "implementation)");
-  }
+  const cuda::DType dtype = cuda_dtype(x, "dynamic_threshold");
 
   // Written so that NaN fails the checks.
   TORCH_CHECK(percentile >= 0.0 && percentile <= 1.0, "dynamic_threshold: percentile must be in [0, 1], got ",
@@ -71,11 +72,67 @@ std::tuple<at::Tensor, at::Tensor> dynamic_threshold_cuda(const at::Tensor& x, d
   at::Tensor workspace = at::empty({static_cast<int64_t>(ws_bytes)}, xc.options().dtype(at::kByte));
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(xc.get_device()).stream();
-  const cudaError_t err = cuda::dynamic_threshold_launch(
+  check_launch(cuda::dynamic_threshold_launch(
       xc.const_data_ptr(), y.mutable_data_ptr(), scale.mutable_data_ptr<float>(), batch, n, dtype, percentile,
-      max_value.has_value() ? *max_value : -1.0, workspace.mutable_data_ptr(), stream);
-  TORCH_CHECK(err == cudaSuccess, "dynamic_threshold (CUDA): kernel launch failed: ", cudaGetErrorString(err));
+      max_value.has_value() ? *max_value : -1.0, workspace.mutable_data_ptr(), stream), "dynamic_threshold");
   return {y, scale};
+}
+
+
+at::Tensor adaln_norm_cuda(const at::Tensor& x_, const at::Tensor& shift_, const at::Tensor& scale_, double eps,
+                           bool rms) {
+  TORCH_CHECK(x_.is_cuda() && x_.dim() == 3, "adaln_norm (CUDA): x must be a [batch, tokens, dim] CUDA tensor");
+  TORCH_CHECK(shift_.sizes() == scale_.sizes() && shift_.dim() == 2 && shift_.size(0) == x_.size(0) &&
+                  shift_.size(1) == x_.size(2) && shift_.scalar_type() == x_.scalar_type() &&
+                  scale_.scalar_type() == x_.scalar_type(),
+              "adaln_norm: shift and scale must be [batch, dim] tensors of x's dtype");
+  const cuda::DType dtype = cuda_dtype(x_, "adaln_norm");
+  c10::cuda::CUDAGuard device_guard(x_.device());
+  const at::Tensor x = x_.contiguous(), shift = shift_.contiguous(), scale = scale_.contiguous();
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  check_launch(cuda::adaln_norm_launch(x.const_data_ptr(), shift.const_data_ptr(), scale.const_data_ptr(),
+                                       y.mutable_data_ptr(), x.size(0), x.size(1), x.size(2), dtype, eps, rms, stream),
+               "adaln_norm");
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_norm_backward_cuda(const at::Tensor& grad_, const at::Tensor& x_,
+                                                                        const at::Tensor& scale_, double eps,
+                                                                        bool rms) {
+  TORCH_CHECK(x_.is_cuda() && x_.dim() == 3 && grad_.sizes() == x_.sizes(),
+              "adaln_norm_backward (CUDA): grad and x must be [batch, tokens, dim] CUDA tensors of one shape");
+  const cuda::DType dtype = cuda_dtype(x_, "adaln_norm_backward");
+  c10::cuda::CUDAGuard device_guard(x_.device());
+  const at::Tensor grad = grad_.contiguous(), x = x_.contiguous(), scale = scale_.contiguous();
+  at::Tensor grad_x = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor sums = at::zeros({2, x.size(0), x.size(2)}, x.options().dtype(at::kFloat));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  check_launch(cuda::adaln_norm_backward_launch(grad.const_data_ptr(), x.const_data_ptr(), scale.const_data_ptr(),
+                                                grad_x.mutable_data_ptr(), sums[0].mutable_data_ptr<float>(),
+                                                sums[1].mutable_data_ptr<float>(), x.size(0), x.size(1), x.size(2),
+                                                dtype, eps, rms, stream),
+               "adaln_norm_backward");
+  sums = sums.to(x.scalar_type());
+  return {grad_x, sums[0], sums[1]};
+}
+
+at::Tensor rope_cuda(const at::Tensor& x_, const at::Tensor& cos_, const at::Tensor& sin_) {
+  TORCH_CHECK(x_.is_cuda() && x_.dim() >= 2 && x_.size(-1) % 2 == 0,
+              "rope (CUDA): x must be a [..., tokens, head_dim] CUDA tensor with an even head_dim");
+  TORCH_CHECK(cos_.sizes() == sin_.sizes() && cos_.dim() == 2 && cos_.size(0) == x_.size(-2) &&
+                  cos_.size(1) == x_.size(-1) && cos_.scalar_type() == at::kFloat && sin_.scalar_type() == at::kFloat,
+              "rope: cos and sin must be float32 [tokens, head_dim]");
+  const cuda::DType dtype = cuda_dtype(x_, "rope");
+  c10::cuda::CUDAGuard device_guard(x_.device());
+  const at::Tensor x = x_.contiguous(), cos = cos_.contiguous(), sin = sin_.contiguous();
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t dh = x.size(-1);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  check_launch(cuda::rope_launch(x.const_data_ptr(), cos.const_data_ptr<float>(), sin.const_data_ptr<float>(),
+                                 y.mutable_data_ptr(), x.numel() / dh, x.size(-2), dh, dtype, stream),
+               "rope");
+  return y;
 }
 
 }  // namespace
@@ -83,4 +140,7 @@ std::tuple<at::Tensor, at::Tensor> dynamic_threshold_cuda(const at::Tensor& x, d
 
 TORCH_LIBRARY_IMPL(deepfusion_ref, CUDA, m) {
   m.impl("dynamic_threshold", &deepfusion_ref::dynamic_threshold_cuda);
+  m.impl("adaln_norm", &deepfusion_ref::adaln_norm_cuda);
+  m.impl("adaln_norm_backward", &deepfusion_ref::adaln_norm_backward_cuda);
+  m.impl("rope", &deepfusion_ref::rope_cuda);
 }
