@@ -54,13 +54,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class JointAttention(nn.Module):
     "Image queries attend to [text ; image] keys/values; text padding masked; QK RMSNorm; RoPE on both streams."
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, project_text: bool = True):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.text_kv = nn.Linear(dim, 2 * dim)
+        # Without project_text, text keys/values always come in ready-made through `text_kv` (kv fusion).
+        self.text_kv = nn.Linear(dim, 2 * dim) if project_text else None
         self.q_norm = nn.RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.text_k_norm = nn.RMSNorm(self.head_dim) if qk_norm else nn.Identity()
@@ -70,10 +71,11 @@ class JointAttention(nn.Module):
         return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # [B, heads, N, head_dim]
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None, rope=None,
-                return_weights: bool = False):
-        "x [B, N, D] image tokens, text [B, T, D], text_mask [B, T] (True = real); rope = (cos, sin) for [T + N]."
+                return_weights: bool = False, text_kv: tuple | None = None):
+        """x [B, N, D] image tokens, text [B, T, D], text_mask [B, T] (True = real); rope = (cos, sin) for [T + N].
+        `text_kv` = (keys, values) [B, T, D] given from outside (the LLM's own) replaces the projection of `text`."""
         q, k, v = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))
-        tk, tv = (self._heads(t) for t in self.text_kv(text).chunk(2, dim=-1))
+        tk, tv = (self._heads(t) for t in (self.text_kv(text).chunk(2, dim=-1) if text_kv is None else text_kv))
         q, k, tk = self.q_norm(q), self.k_norm(k), self.text_k_norm(tk)
         n_text = text.shape[1]
         if rope is not None:

@@ -49,24 +49,33 @@ def split_2x2(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
 class DiTBlock(nn.Module):
     "Joint attention over [text ; image] and an MLP, each with adaLN-Zero (shift, scale, gate) from the noise level."
 
-    def __init__(self, dim: int, num_heads: int, text_dim: int, mlp_ratio: float = 4.0, qk_norm: bool = True):
+    def __init__(self, dim: int, num_heads: int, text_dim: int, mlp_ratio: float = 4.0, qk_norm: bool = True,
+                 kv_dim: int | None = None):
         super().__init__()
-        self.text_proj = Connector(text_dim, dim, norm=True)  # this block's view of its LLM layer
-        self.attn = JointAttention(dim, num_heads, qk_norm)
+        if kv_dim is None:  # deep / last: this block's own view of its LLM layer
+            self.text_proj = Connector(text_dim, dim, norm=True)
+        else:  # kv: the LLM layer's own keys and values, projected only when the widths differ
+            self.text_proj = None
+            self.text_k = nn.Identity() if kv_dim == dim else nn.Linear(kv_dim, dim)
+            self.text_v = nn.Identity() if kv_dim == dim else nn.Linear(kv_dim, dim)
+        self.attn = JointAttention(dim, num_heads, qk_norm, project_text=kv_dim is None)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         nn.init.zeros_(self.ada[-1].weight)  # adaLN-Zero: gates (and shifts/scales) start at 0
         nn.init.zeros_(self.ada[-1].bias)
 
-    def forward(self, x, emb, text_hidden, text_mask, rope):
+    def forward(self, x, emb, text_hidden, text_mask, rope, text_keys=None, text_values=None):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(emb).chunk(6, dim=-1)
-        text = self.text_proj(text_hidden)
-        x = x + gate1[:, None] * self.attn(norm_modulate(x, shift1, scale1), text, text_mask, rope)
+        if self.text_proj is not None:
+            text, text_kv = self.text_proj(text_hidden), None
+        else:
+            text, text_kv = text_keys, (self.text_k(text_keys), self.text_v(text_values))
+        x = x + gate1[:, None] * self.attn(norm_modulate(x, shift1, scale1), text, text_mask, rope, text_kv=text_kv)
         return x + gate2[:, None] * self.mlp(norm_modulate(x, shift2, scale2))
 
 # %% ../nbs/07_dit.ipynb 7
-FUSIONS = ("deep", "last")
+FUSIONS = ("deep", "last", "kv")
 
 
 class DeepFusionDiT(ModelMixin, ConfigMixin):
@@ -79,20 +88,23 @@ class DeepFusionDiT(ModelMixin, ConfigMixin):
                  num_heads: int = 4, mlp_ratio: float = 4.0, text_dim: int = 64, num_llm_layers: int = 4,
                  fusion: str = "deep", layer_strategy: str = "uniform", layer_offset: int = 0,
                  long_skips: bool = True, downsample: bool = False, text_rope: bool = True,
-                 rope_axes: tuple = (8, 12, 12), rope_theta: float = 10000.0, qk_norm: bool = True):
+                 rope_axes: tuple = (8, 12, 12), rope_theta: float = 10000.0, qk_norm: bool = True,
+                 kv_dim: int | None = None):
         super().__init__()
         if fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r} ('kv', reusing the LLM's own keys "
-                             "and values, is not implemented yet)")
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        if fusion == "kv" and kv_dim is None:
+            raise ValueError("kv_dim: fusion='kv' needs the width of the LLM's keys/values (num_kv_heads * head_dim)")
         if sum(rope_axes) != hidden_size // num_heads:
             raise ValueError(f"rope_axes {tuple(rope_axes)} must sum to the head dim {hidden_size // num_heads}")
-        self.layer_indices = (layer_map(num_llm_layers, depth, layer_strategy, layer_offset) if fusion == "deep"
+        self.layer_indices = (layer_map(num_llm_layers, depth, layer_strategy, layer_offset) if fusion != "last"
                               else [num_llm_layers - 1] * depth)
         p = patch_size
         self.patch_embed = nn.Linear(in_channels * p * p, hidden_size)
         self.time_embed = nn.Sequential(nn.Linear(256, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
-        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, text_dim, mlp_ratio, qk_norm)
-                                    for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            DiTBlock(hidden_size, num_heads, text_dim, mlp_ratio, qk_norm, kv_dim if fusion == "kv" else None)
+            for _ in range(depth))
         # Long skips: block depth-1-i takes Linear([x ; x_i]); initialised to pass x through unchanged.
         self.skip_proj = nn.ModuleList(nn.Linear(2 * hidden_size, hidden_size) for _ in range(depth // 2)) \
             if long_skips else None
@@ -136,6 +148,10 @@ class DeepFusionDiT(ModelMixin, ConfigMixin):
         if hidden.shape[0] != self.config.num_llm_layers or hidden.shape[-1] != self.config.text_dim:
             raise ValueError(f"cond: expected {self.config.num_llm_layers} layers of width {self.config.text_dim}, "
                              f"got hidden {tuple(hidden.shape)}")
+        kv = self.config.fusion == "kv"
+        if kv and (cond.keys is None or cond.keys.shape[-1] != self.config.kv_dim):
+            raise ValueError(f"cond: fusion='kv' needs a LayerStack with keys/values of width {self.config.kv_dim} "
+                             "(LanguageModel(..., capture_kv=True))")
         gh, gw = h // p, w // p
         tokens = self.patch_embed(F.unfold(x, p, stride=p).transpose(1, 2))  # [B, gh*gw, D]
         emb = self.time_embed(timestep_embedding(c_noise.to(x.device).expand(b), 256).to(x.dtype))
@@ -151,7 +167,8 @@ class DeepFusionDiT(ModelMixin, ConfigMixin):
             if self.skip_proj is not None and i >= depth - depth // 2:
                 tokens = self.skip_proj[depth - 1 - i](torch.cat([tokens, skips.pop()], dim=-1))
             rope = rope_mid if i in self.mid else rope_full
-            args = (tokens, emb, hidden[self.layer_indices[i]], mask, rope)
+            j = self.layer_indices[i]
+            args = (tokens, emb, hidden[j], mask, rope) + ((cond.keys[j], cond.values[j]) if kv else ())
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 tokens = self._gradient_checkpointing_func(block, *args)
             else:

@@ -133,6 +133,51 @@ def test_shapes_and_gradients(size, long_skips, downsample):
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
+def kv_stack(kv_dim, batch=2, length=5, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    stack = make_stack(batch, length, seed=seed)
+    stack.keys = torch.randn(L, batch, length, kv_dim, generator=g)
+    stack.values = torch.randn(L, batch, length, kv_dim, generator=g)
+    return stack
+
+
+@pytest.mark.parametrize("kv_dim", [16, 32])  # projected (16 != width 32) or used as they are (32)
+def test_kv_fusion_reads_each_layers_own_keys_and_values(kv_dim):
+    model = make_model(fusion="kv", kv_dim=kv_dim).train()
+    stack = kv_stack(kv_dim)
+    seen = {}
+    for i, block in enumerate(model.blocks):
+        block.attn.register_forward_pre_hook(
+            lambda m, args, kwargs, i=i: seen.__setitem__(i, kwargs["text_kv"]), with_kwargs=True)
+    x = torch.randn(2, 4, 16, 16, requires_grad=True)
+    model(x, torch.zeros(2), stack).square().mean().backward()
+    for i, j in enumerate(model.layer_indices):
+        k, v = seen[i]
+        block = model.blocks[i]
+        torch.testing.assert_close(k, block.text_k(stack.keys[j]))
+        torch.testing.assert_close(v, block.text_v(stack.values[j]))
+        if kv_dim == 32:
+            assert torch.equal(k, stack.keys[j])
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_kv_fusion_end_to_end_with_a_language_model(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from deepfusion_ref.text import LanguageModel, train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(["a red circle", "a blue square above a star"] * 20, vocab_size=280)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=TEXT_DIM, intermediate_size=48,
+                                   num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    lm = LanguageModel.from_pretrained(tmp_path / "lm", capture_kv=True)
+    stack = lm.encode(["a red circle", "a blue square above a star"])
+    kv_dim = cfg.num_key_value_heads * TEXT_DIM // cfg.num_attention_heads
+    assert stack.keys.shape[-1] == kv_dim
+    out = make_model(fusion="kv", kv_dim=kv_dim)(torch.randn(2, 4, 16, 16), torch.zeros(2), stack)
+    assert out.shape == (2, 4, 16, 16) and torch.isfinite(out).all()
+
+
 def test_output_depends_on_the_text():
     model = make_model()
     x = torch.randn(2, 4, 16, 16)
@@ -189,6 +234,10 @@ def test_bad_input_is_named():
         model(torch.randn(1, 4, 16, 16), torch.zeros(1), LayerStack(torch.randn(3, 1, 5, TEXT_DIM),
                                                                    torch.ones(1, 5, dtype=torch.bool)))
     with pytest.raises(ValueError, match="fusion"):
+        DeepFusionDiT(fusion="mixed", hidden_size=32, num_heads=2, rope_axes=(4, 6, 6))
+    with pytest.raises(ValueError, match="kv_dim"):
         DeepFusionDiT(fusion="kv", hidden_size=32, num_heads=2, rope_axes=(4, 6, 6))
+    with pytest.raises(ValueError, match="capture_kv"):  # kv fusion given a stack without keys/values
+        make_model(fusion="kv", kv_dim=16)(torch.randn(1, 4, 16, 16), torch.zeros(1), make_stack(batch=1))
     with pytest.raises(ValueError, match="rope_axes"):
         DeepFusionDiT(hidden_size=32, num_heads=2, rope_axes=(8, 12, 12))

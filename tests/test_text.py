@@ -87,6 +87,23 @@ def test_stack_equals_models_own_hidden_states(tiny_models, name, kind):
     torch.testing.assert_close(stack.pooled, pooled)
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen2", "t5", "bert"])
+def test_captured_keys_and_values_are_the_layers_own(tiny_models, name):
+    lm = LanguageModel.from_pretrained(tiny_models[name], capture_kv=True)
+    stack = lm.encode(PROMPTS)
+    assert stack.keys.shape[:3] == stack.hidden.shape[:3] == stack.values.shape[:3]
+    if name in ("llama", "qwen2"):  # recompute layer i's k_proj/v_proj from its input, independently of the hooks
+        enc = lm.tokenizer(PROMPTS, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            states = lm.model(**enc, output_hidden_states=True).hidden_states
+            for i, layer in enumerate(lm.model.model.layers):
+                normed = layer.input_layernorm(states[i])
+                torch.testing.assert_close(stack.keys[i][stack.mask], layer.self_attn.k_proj(normed)[stack.mask])
+                torch.testing.assert_close(stack.values[i][stack.mask], layer.self_attn.v_proj(normed)[stack.mask])
+    with pytest.raises(ValueError, match="capture_kv"):
+        LanguageModel.from_pretrained(tiny_models[name], capture_kv=True, include_embeddings=True)
+
+
 def test_include_embeddings_adds_the_embedding_output(tiny_models):
     lm = LanguageModel.from_pretrained(tiny_models["llama"], include_embeddings=True)
     stack = lm.encode("a star")
