@@ -7,7 +7,8 @@ bf16 peak). Flux's depth is counted in double-stream blocks (no single-stream bl
 blocks of joint attention; a Flux block also updates the text stream, which ours re-reads from the LLM instead.
 
     python bench/dit.py                                   # a small CPU config
-    python bench/dit.py --device cuda --dtype bfloat16 --width 2048 --depth 16 --heads 16 --tokens 1024 --compile
+    python bench/dit.py --device cuda --dtype bfloat16 --width 2048 --depth 12 --heads 16 --tokens 1024 --compile
+                                                          # about 1B parameters
 """
 import argparse
 import math
