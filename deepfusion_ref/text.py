@@ -7,8 +7,6 @@ __all__ = ['ENCODER_TYPES', 'T5_TYPES', 'KINDS', 'KEY_SUFFIXES', 'VALUE_SUFFIXES
            'kv_projections', 'LanguageModel', 'train_bpe_tokenizer', 'build_caption_lm', 'packaged_minilm_path']
 
 # %% ../nbs/04_text.ipynb 3
-import hashlib
-import os
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass

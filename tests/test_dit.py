@@ -39,7 +39,7 @@ def make_stack(batch=2, length=5, lengths=None, seed=1):
 
 
 def test_rope_frequencies_equal_diffusers_flux_pos_embed():
-    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers")
     from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
     ids = torch.cat([text_ids(9), grid_ids(7, 13)])
