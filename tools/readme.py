@@ -1,5 +1,5 @@
 """Write README.md from nbs/index.ipynb without Quarto (nbdev_readme needs it): markdown cells verbatim, code
-cells as fenced python with their text outputs; cells marked `#|hide` are left out. `--check` exits 1 if
+cells as fenced python with their printed (stdout) and returned outputs; cells marked `#|hide` are left out. `--check` exits 1 if
 README.md is out of date instead of writing it."""
 import json
 import sys
@@ -20,7 +20,8 @@ def render(nb_path: Path) -> str:
         if any(line.strip() in ("#| hide", "#|hide") for line in src.splitlines()) or not "".join(lines).strip():
             continue
         parts.append("```python\n" + "\n".join(lines).strip("\n") + "\n```")
-        text = "".join("".join(o.get("text", "")) for o in cell.get("outputs", []) if o.get("output_type") == "stream")
+        text = "".join("".join(o.get("text", "")) for o in cell.get("outputs", [])
+                       if o.get("output_type") == "stream" and o.get("name") == "stdout")  # not progress bars
         text += "".join("".join(o["data"].get("text/plain", "")) for o in cell.get("outputs", [])
                         if o.get("output_type") == "execute_result")
         if text.strip():
