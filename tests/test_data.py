@@ -102,3 +102,68 @@ def test_bad_arguments_are_named():
         SceneDataset(5, 8, 64)
     with pytest.raises(IndexError):
         SceneDataset(5)[5]
+
+
+# --- image folders and aspect buckets ----------------------------------------------------------------------------
+
+
+def _folder(tmp_path, rows, images=("a.png", "b.png")):
+    from PIL import Image
+
+    for i, name in enumerate(images):
+        Image.fromarray(np.full((30 + 10 * i, 50, 3), 40 * i, dtype=np.uint8)).save(tmp_path / name)
+    (tmp_path / "captions.jsonl").write_text("\n".join(rows) + "\n")
+    return tmp_path
+
+
+def test_image_text_folder_reads_rows_and_crops(tmp_path):
+    from deepfusion_ref.data import ImageTextFolder
+
+    root = _folder(tmp_path, ['{"file": "a.png", "captions": ["black", "a black image"]}',
+                              '{"file": "b.png", "caption": "grey"}'])
+    ds = ImageTextFolder(root, size=(32, 24))
+    assert len(ds) == 2 and ds.image_size(1) == (50, 40)
+    item = ds[1]
+    assert item["image"].shape == (3, 24, 32) and item["captions"] == ["grey"]
+    torch.testing.assert_close(item["image"], torch.full((3, 24, 32), 40 / 127.5 - 1), atol=1e-6, rtol=0)
+    assert ImageTextFolder(root, size=None)[0]["image"].shape == (3, 30, 50)
+
+
+def test_bad_rows_are_reported_with_file_and_line(tmp_path):
+    from deepfusion_ref.data import ImageTextFolder
+
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    rows = ['{"file": "a.png", "captions": ["ok"]}', '{"file": "missing.png", "caption": "x"}', "{not json",
+            '{"file": "b.png", "captions": []}', '{"file": "broken.png", "caption": "x"}']
+    root = _folder(tmp_path, rows)
+    with pytest.raises(ValueError) as err:
+        ImageTextFolder(root)
+    message = str(err.value)
+    assert "4 bad rows" in message
+    for line in (2, 3, 4, 5):
+        assert f"captions.jsonl:{line}:" in message
+    with pytest.warns(UserWarning, match="skipped 4 bad rows"):
+        ds = ImageTextFolder(root, on_error="skip")
+    assert len(ds) == 1 and len(ds.problems) == 4
+
+
+def test_aspect_buckets_and_batches():
+    from deepfusion_ref.data import BucketBatchSampler, aspect_buckets, nearest_bucket
+
+    buckets = aspect_buckets(1024)
+    assert buckets == [(1024, 576), (1024, 512), (1024, 432), (1024, 1024), (512, 1024)]
+    assert all(max(b) == 1024 and b[0] % 16 == 0 and b[1] % 16 == 0 for b in buckets)
+    assert buckets[nearest_bucket(1920, 1080, buckets)] == (1024, 576)
+    assert buckets[nearest_bucket(300, 700, buckets)] == (512, 1024)
+    sizes = [(1920, 1080), (1000, 1000), (800, 1600), (2350, 1000)] * 5
+    sampler = BucketBatchSampler(sizes, buckets, batch_size=3, seed=1)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(len(sizes)))  # every index exactly once
+    assert all(len({sampler.bucket_of[i] for i in b}) == 1 for b in batches)
+    assert list(sampler) == batches  # same epoch, same order
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+    dropped = BucketBatchSampler(sizes, buckets, batch_size=3, drop_last=True)
+    assert all(len(b) == 3 for b in dropped) and len(dropped) == 4  # 5 per bucket -> one full batch each
+    with pytest.raises(ValueError, match="max_side"):
+        aspect_buckets(1000)
