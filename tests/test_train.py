@@ -1,0 +1,119 @@
+"""Training building blocks: parameter groups, the trapezoidal schedule, spike skipping (parameters untouched),
+and checkpoints: bit-identical resume, keep-last-N, and corruption detected without harming older checkpoints."""
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from deepfusion_ref.train import (SpikeSkipper, latest_checkpoint, load_checkpoint, param_groups, save_checkpoint,
+                                  trapezoidal_lr)
+
+
+def make(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Flatten(), nn.Linear(16, 16), nn.LayerNorm(16), nn.GELU(),
+                          nn.Linear(16, 1))
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-2, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: trapezoidal_lr(s, 20, 3, 5))
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    return model, opt, sched, ema
+
+
+def train(model, opt, sched, ema, steps):
+    for _ in range(steps):
+        tokens = torch.randint(0, 10, (16, 2))
+        loss = (model(tokens) - tokens.float().sum(1, keepdim=True) / 10).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        ema.update_parameters(model)
+
+
+def states_equal(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_param_groups_exclude_biases_norms_and_embeddings():
+    model = make()[0]
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(model[2].weight), id(model[5].weight)}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_trapezoidal_schedule():
+    f = [trapezoidal_lr(s, 100, 10, 20, 0.0) for s in range(100)]
+    assert f[:10] == [(s + 1) / 10 for s in range(10)] and set(f[10:80]) == {1.0}
+    assert all(a > b for a, b in zip(f[80:], f[81:])) and f[-1] == 0.0
+    with pytest.raises(ValueError, match="total_steps"):
+        trapezoidal_lr(0, 10, 8, 8)
+
+
+def test_spike_and_nan_updates_are_skipped_and_counted():
+    model, opt, _, _ = make()
+    skipper = SpikeSkipper(factor=3.0, min_history=3)
+    for _ in range(5):
+        assert not skipper.should_skip(1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    for bad in (float("nan"), float("inf"), 100.0):
+        loss = model(torch.randint(0, 10, (4, 2))).sum() * bad
+        opt.zero_grad()
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+        if skipper.should_skip(norm):
+            opt.zero_grad()
+        else:
+            opt.step()
+    assert skipper.skipped == 3 and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    state = skipper.state_dict()
+    other = SpikeSkipper(factor=3.0, min_history=3)
+    other.load_state_dict(state)
+    assert other.skipped == 3 and other.should_skip(100.0) and not other.should_skip(1.1)
+
+
+def test_resume_is_bit_identical(tmp_path):
+    straight = make()
+    train(*straight, 20)
+    run = make()
+    train(*run, 10)
+    folder = save_checkpoint(tmp_path, 10, *run, extra={"data_position": 160})
+    resumed = make(seed=123)  # different init and RNG: everything must come from the checkpoint
+    meta = load_checkpoint(folder, *resumed)
+    assert meta["step"] == 10 and meta["extra"]["data_position"] == 160
+    train(*resumed, 10)
+    assert states_equal(straight[0], resumed[0]) and states_equal(straight[3], resumed[3])
+    assert resumed[2].last_epoch == straight[2].last_epoch
+
+
+def test_keeps_the_last_n_and_finds_the_latest(tmp_path):
+    model = make()[0]
+    for step in (5, 10, 15, 20):
+        save_checkpoint(tmp_path, step, model, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000015", "step_00000020"]
+    assert latest_checkpoint(tmp_path).name == "step_00000020"
+    assert not list(tmp_path.glob(".tmp_*"))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "tamper", "manifest"])
+def test_corrupted_checkpoint_is_a_clear_error_and_older_one_survives(tmp_path, damage):
+    model, opt, sched, ema = make()
+    good = save_checkpoint(tmp_path, 1, model, opt, sched, ema)
+    train(model, opt, sched, ema, 1)
+    bad = save_checkpoint(tmp_path, 2, model, opt, sched, ema)
+    target = bad / "model.safetensors"
+    if damage == "truncate":
+        target.write_bytes(target.read_bytes()[:100])
+    elif damage == "tamper":
+        data = bytearray(target.read_bytes())
+        data[-1] ^= 0xFF
+        target.write_bytes(bytes(data))
+    else:
+        (bad / "manifest.json").unlink()
+    fresh = make(seed=5)
+    with pytest.raises(ValueError, match="corrupted|not a complete checkpoint"):
+        load_checkpoint(bad, *fresh)
+    load_checkpoint(good, *fresh)  # the earlier checkpoint is intact and loads
+    assert json.loads((good / "state.json").read_text())["step"] == 1
