@@ -4,7 +4,7 @@
 
 # %% auto 0
 __all__ = ['NO_DECAY_MODULES', 'MANIFEST', 'param_groups', 'trapezoidal_lr', 'SpikeSkipper', 'rng_state', 'set_rng_state',
-           'save_checkpoint', 'latest_checkpoint', 'load_checkpoint']
+           'save_checkpoint', 'latest_checkpoint', 'load_checkpoint', 'Trainer']
 
 # %% ../nbs/11_train.ipynb 3
 import hashlib
@@ -194,3 +194,89 @@ def load_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, ema=
     if restore_rng:
         set_rng_state(load_file(path / "rng.safetensors"), meta["rng"])
     return meta
+
+# %% ../nbs/11_train.ipynb 15
+from tqdm.auto import tqdm
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+
+class Trainer:
+    "EDM training of denoiser(x, sigma, LayerStack) on a captioned image data set, with a frozen language model."
+
+    def __init__(self, denoiser: nn.Module, language_model, dataset, steps: int, batch_size: int = 16,
+                 lr: float = 1e-4, betas=(0.9, 0.95), weight_decay: float = 0.1, warmup_steps: int = 0,
+                 decay_steps: int = 0, cond_drop_prob: float = 0.1, ema_decay: float = 0.999,
+                 spike_factor: float = 5.0, grad_clip: float | None = 1.0, checkpoint_dir=None,
+                 checkpoint_every: int = 0, keep: int = 3, metrics_file=None, seed: int = 0, device="cpu",
+                 progress: bool = True):
+        from deepfusion_ref.schedules import edm_loss
+
+        self.denoiser, self.lm, self.dataset = denoiser.to(device), language_model, dataset
+        self.steps, self.batch_size, self.cond_drop_prob, self.seed, self.device = steps, batch_size, cond_drop_prob, seed, device
+        self.grad_clip, self.progress, self.edm_loss = grad_clip, progress, edm_loss
+        self.optimizer = torch.optim.AdamW(param_groups(denoiser, weight_decay), lr=lr, betas=betas)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: trapezoidal_lr(min(s, steps - 1), steps, warmup_steps, decay_steps))
+        self.ema = AveragedModel(denoiser, multi_avg_fn=get_ema_multi_avg_fn(ema_decay))
+        self.skipper = SpikeSkipper(spike_factor)
+        self.checkpoint_dir, self.checkpoint_every, self.keep = checkpoint_dir, checkpoint_every, keep
+        self.metrics_file = None if metrics_file is None else Path(metrics_file)
+        self.step = 0
+
+    def batch(self, step: int) -> tuple[torch.Tensor, list[str]]:
+        "The images and drawn captions of `step`: a function of (seed, step) only, so resuming repeats it exactly."
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        idx = torch.randint(len(self.dataset), (self.batch_size,), generator=g).tolist()
+        items = [self.dataset[i] for i in idx]
+        prompts = []
+        for item in items:
+            caps = item["captions"]
+            drop = torch.rand((), generator=g).item() < self.cond_drop_prob
+            prompts.append("" if drop else caps[torch.randint(len(caps), (), generator=g).item()])
+        return torch.stack([it["image"] for it in items]).to(self.device), prompts
+
+    def resume(self) -> bool:
+        "Load the newest checkpoint in checkpoint_dir, if any."
+        path = None if self.checkpoint_dir is None else latest_checkpoint(self.checkpoint_dir)
+        if path is None:
+            return False
+        meta = load_checkpoint(path, self.denoiser, self.optimizer, self.scheduler, self.ema)
+        self.step = meta["step"]
+        self.skipper.load_state_dict(meta["extra"]["skipper"])
+        return True
+
+    def train_step(self) -> dict:
+        x0, prompts = self.batch(self.step)
+        cond = self.lm.encode(prompts).to(self.device)
+        g = torch.Generator(device=x0.device).manual_seed(self.seed * 7919 + self.step)
+        loss = self.edm_loss(self.denoiser, x0, cond, generator=g)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.denoiser.parameters(), self.grad_clip or float("inf"))
+        skipped = self.skipper.should_skip(norm)
+        if not skipped:
+            self.optimizer.step()
+            self.ema.update_parameters(self.denoiser)
+        self.scheduler.step()
+        self.step += 1
+        return {"step": self.step, "loss": loss.item(), "grad_norm": float(norm), "skipped": skipped,
+                "lr": self.scheduler.get_last_lr()[0]}
+
+    def fit(self, until: int | None = None) -> list[dict]:
+        "Train up to `steps` (or stop early at step `until`), continuing from a resumed step; per-step metrics."
+        stop = self.steps if until is None else min(until, self.steps)
+        history = []
+        bar = tqdm(total=self.steps, initial=self.step, disable=not self.progress, desc="train")
+        while self.step < stop:
+            metrics = self.train_step()
+            history.append(metrics)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", skipped=self.skipper.skipped)
+            if self.metrics_file is not None:
+                with open(self.metrics_file, "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+            if self.checkpoint_dir is not None and self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                save_checkpoint(self.checkpoint_dir, self.step, self.denoiser, self.optimizer, self.scheduler,
+                                self.ema, extra={"skipper": self.skipper.state_dict()}, keep=self.keep)
+        bar.close()
+        return history
