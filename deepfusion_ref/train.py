@@ -4,7 +4,7 @@
 
 # %% auto 0
 __all__ = ['NO_DECAY_MODULES', 'MANIFEST', 'param_groups', 'trapezoidal_lr', 'SpikeSkipper', 'rng_state', 'set_rng_state',
-           'save_checkpoint', 'latest_checkpoint', 'load_checkpoint', 'Trainer']
+           'save_checkpoint', 'latest_checkpoint', 'load_checkpoint', 'set_trainable', 'block_patterns', 'Trainer']
 
 # %% ../nbs/11_train.ipynb 3
 import hashlib
@@ -196,6 +196,26 @@ def load_checkpoint(path, model: nn.Module, optimizer=None, scheduler=None, ema=
     return meta
 
 # %% ../nbs/11_train.ipynb 15
+import fnmatch
+
+
+def set_trainable(model: nn.Module, patterns) -> int:
+    "requires_grad only for parameters whose name matches one of `patterns` (fnmatch); returns how many train."
+    patterns = list(patterns)
+    count = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(fnmatch.fnmatch(name, pat) for pat in patterns))
+        count += p.requires_grad
+    if count == 0:
+        raise ValueError(f"patterns: {patterns} match no parameter of {type(model).__name__}")
+    return count
+
+
+def block_patterns(prefix: str, indices) -> list[str]:
+    "Patterns for whole blocks by index, e.g. block_patterns('net.blocks', [0, 5]) -> ['net.blocks.0.*', ...]."
+    return [f"{prefix}.{i}.*" for i in indices]
+
+# %% ../nbs/11_train.ipynb 18
 from tqdm.auto import tqdm
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -208,7 +228,7 @@ class Trainer:
                  decay_steps: int = 0, cond_drop_prob: float = 0.1, ema_decay: float = 0.999,
                  spike_factor: float = 5.0, grad_clip: float | None = 1.0, checkpoint_dir=None,
                  checkpoint_every: int = 0, keep: int = 3, metrics_file=None, seed: int = 0, device="cpu",
-                 progress: bool = True):
+                 progress: bool = True, grad_accum: int = 1, bf16: bool | None = None, stages=None):
         from deepfusion_ref.schedules import edm_loss
 
         self.denoiser, self.lm, self.dataset = denoiser.to(device), language_model, dataset
@@ -221,6 +241,11 @@ class Trainer:
         self.skipper = SpikeSkipper(spike_factor)
         self.checkpoint_dir, self.checkpoint_every, self.keep = checkpoint_dir, checkpoint_every, keep
         self.metrics_file = None if metrics_file is None else Path(metrics_file)
+        if grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+        self.grad_accum = grad_accum
+        self.bf16 = torch.device(device).type == "cuda" if bf16 is None else bf16  # autocast on GPU by default
+        self.stages = sorted(stages or [], key=lambda s: s[0])  # [(first_step, patterns), ...]
         self.step = 0
 
     def batch(self, step: int) -> tuple[torch.Tensor, list[str]]:
@@ -245,21 +270,32 @@ class Trainer:
         self.skipper.load_state_dict(meta["extra"]["skipper"])
         return True
 
+    def _apply_stage(self) -> None:
+        current = [patterns for first, patterns in self.stages if first <= self.step]
+        if current:
+            set_trainable(self.denoiser, current[-1])
+
     def train_step(self) -> dict:
-        x0, prompts = self.batch(self.step)
-        cond = self.lm.encode(prompts).to(self.device)
-        g = torch.Generator(device=x0.device).manual_seed(self.seed * 7919 + self.step)
-        loss = self.edm_loss(self.denoiser, x0, cond, generator=g)
+        self._apply_stage()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.denoiser.parameters(), self.grad_clip or float("inf"))
+        total = 0.0
+        for micro in range(self.grad_accum):  # micro-batches of one optimiser step
+            x0, prompts = self.batch(self.step * self.grad_accum + micro)
+            cond = self.lm.encode(prompts).to(self.device)
+            g = torch.Generator(device=x0.device).manual_seed(self.seed * 7919 + self.step * self.grad_accum + micro)
+            with torch.autocast(torch.device(self.device).type, torch.bfloat16, enabled=self.bf16):
+                loss = self.edm_loss(self.denoiser, x0, cond, generator=g) / self.grad_accum
+            loss.backward()
+            total += loss.item()
+        params = [p for p in self.denoiser.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip or float("inf"))
         skipped = self.skipper.should_skip(norm)
         if not skipped:
             self.optimizer.step()
             self.ema.update_parameters(self.denoiser)
         self.scheduler.step()
         self.step += 1
-        return {"step": self.step, "loss": loss.item(), "grad_norm": float(norm), "skipped": skipped,
+        return {"step": self.step, "loss": total, "grad_norm": float(norm), "skipped": skipped,
                 "lr": self.scheduler.get_last_lr()[0]}
 
     def fit(self, until: int | None = None) -> list[dict]:

@@ -166,3 +166,51 @@ def test_trainer_batches_depend_only_on_seed_and_step(minilm):
     assert not torch.equal(a.batch(8)[0], xa)
     prompts = [p for s in range(50) for p in a.batch(s)[1]]
     assert 0 < prompts.count("") < len(prompts) * 0.25  # ~10% condition dropout
+
+
+def test_every_caption_level_is_sampled(minilm):
+    trainer = make_trainer(minilm)
+    all_captions = {c for i in range(len(trainer.dataset)) for c in trainer.dataset[i]["captions"]}
+    drawn = [p for s in range(60) for p in trainer.batch(s)[1] if p]
+    assert set(drawn) <= all_captions
+    levels = {trainer.dataset[i]["captions"].index(p) for i in range(len(trainer.dataset))
+              for p in drawn if p in trainer.dataset[i]["captions"]}
+    assert levels == set(range(6))
+
+
+def test_grad_accumulation_equals_the_big_batch(minilm):
+    # two micro-batches of 4 accumulate the gradient of their mean; check by recomputing it directly
+    trainer = make_trainer(minilm)
+    trainer.grad_accum, trainer.grad_clip = 2, None
+    trainer.skipper.min_history = 10**9  # never skip in this test
+    model = trainer.denoiser
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer.train_step()
+    manual = make_trainer(minilm)
+    loss = 0
+    for micro in range(2):
+        x0, prompts = manual.batch(micro)
+        g = torch.Generator().manual_seed(micro)
+        loss = loss + manual.edm_loss(manual.denoiser, x0, minilm.encode(prompts), generator=g) / 2
+    loss.backward()
+    opt = torch.optim.AdamW(param_groups(manual.denoiser, 0.1), lr=1e-3 * trapezoidal_lr(0, 20, 2, 5), betas=(0.9, 0.95))
+    opt.step()
+    for a, b, p0 in zip(model.parameters(), manual.denoiser.parameters(), before):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert any(not torch.equal(a, p0) for a, p0 in zip(model.parameters(), before))
+
+
+def test_stages_switch_trainable_parameters(minilm):
+    from deepfusion_ref.train import set_trainable
+
+    trainer = make_trainer(minilm)
+    trainer.stages = [(0, ["net.blocks.0.*"]), (2, ["net.blocks.1.*", "net.final*"])]
+    snapshots = []
+    for _ in range(4):
+        before = {n: p.detach().clone() for n, p in trainer.denoiser.named_parameters()}
+        trainer.train_step()
+        snapshots.append({n for n, p in trainer.denoiser.named_parameters() if not torch.equal(p, before[n])})
+    assert snapshots[0] and all(n.startswith("net.blocks.0.") for n in snapshots[0] | snapshots[1])
+    assert snapshots[3] and all(n.startswith(("net.blocks.1.", "net.final")) for n in snapshots[2] | snapshots[3])
+    with pytest.raises(ValueError, match="patterns"):
+        set_trainable(trainer.denoiser, ["nothing.*"])
