@@ -93,10 +93,15 @@ class EDMPrecond(nn.Module):
 
 
 def edm_loss(denoiser: Callable, x0: torch.Tensor, cond=None, sigma_data: float = 0.5, P_mean: float = -1.2,
-             P_std: float = 1.2, generator=None) -> torch.Tensor:
-    "EDM training loss: E[lambda(sigma) ||D(x0 + sigma n; sigma) - x0||^2], averaged over batch and elements."
-    sigma = sample_edm_sigmas(x0.shape[0], P_mean, P_std, generator, x0.device).to(x0.dtype)
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+             P_std: float = 1.2, generator=None, sigma: torch.Tensor | None = None,
+             noise: torch.Tensor | None = None) -> torch.Tensor:
+    """EDM training loss: E[lambda(sigma) ||D(x0 + sigma n; sigma) - x0||^2], averaged over batch and elements.
+    `sigma` [B] and `noise` (x0's shape) are drawn from `generator` unless given (e.g. a shard of a global draw)."""
+    if sigma is None:
+        sigma = sample_edm_sigmas(x0.shape[0], P_mean, P_std, generator, x0.device)
+    sigma = sigma.to(device=x0.device, dtype=x0.dtype)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x = x0 + _per_sample(sigma, x0) * noise
     d = denoiser(x, sigma) if cond is None else denoiser(x, sigma, cond)
     per_sample = ((d - x0) ** 2).flatten(1).mean(1)

@@ -247,6 +247,15 @@ class Trainer:
         self.bf16 = torch.device(device).type == "cuda" if bf16 is None else bf16  # autocast on GPU by default
         self.stages = sorted(stages or [], key=lambda s: s[0])  # [(first_step, patterns), ...]
         self.step = 0
+        # Distributed (torchrun): every rank draws the same global batch and noise and takes its shard; DDP
+        # averages the gradients, so N ranks compute the update of one process with the whole batch.
+        dist = torch.distributed
+        self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.rank = dist.get_rank() if self.world > 1 else 0
+        if batch_size % self.world:
+            raise ValueError(f"batch_size={batch_size} must be divisible by the world size {self.world}")
+        self.model = (torch.nn.parallel.DistributedDataParallel(self.denoiser) if self.world > 1 else self.denoiser)
+        self.progress = progress and self.rank == 0
 
     def batch(self, step: int) -> tuple[torch.Tensor, list[str]]:
         "The images and drawn captions of `step`: a function of (seed, step) only, so resuming repeats it exactly."
@@ -281,10 +290,14 @@ class Trainer:
         total = 0.0
         for micro in range(self.grad_accum):  # micro-batches of one optimiser step
             x0, prompts = self.batch(self.step * self.grad_accum + micro)
-            cond = self.lm.encode(prompts).to(self.device)
-            g = torch.Generator(device=x0.device).manual_seed(self.seed * 7919 + self.step * self.grad_accum + micro)
+            g = torch.Generator().manual_seed(self.seed * 7919 + self.step * self.grad_accum + micro)
+            sigma = (-1.2 + 1.2 * torch.randn(x0.shape[0], generator=g)).exp()  # EDM's log-normal, drawn globally
+            noise = torch.randn(x0.shape, generator=g).to(x0.device)
+            shard = slice(self.rank * len(prompts) // self.world, (self.rank + 1) * len(prompts) // self.world)
+            cond = self.lm.encode(prompts[shard]).to(self.device)
             with torch.autocast(torch.device(self.device).type, torch.bfloat16, enabled=self.bf16):
-                loss = self.edm_loss(self.denoiser, x0, cond, generator=g) / self.grad_accum
+                loss = self.edm_loss(self.model, x0[shard], cond, sigma=sigma[shard], noise=noise[shard])
+                loss = loss / self.grad_accum
             loss.backward()
             total += loss.item()
         params = [p for p in self.denoiser.parameters() if p.requires_grad]
@@ -308,10 +321,11 @@ class Trainer:
             history.append(metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", skipped=self.skipper.skipped)
-            if self.metrics_file is not None:
+            if self.metrics_file is not None and self.rank == 0:
                 with open(self.metrics_file, "a") as f:
                     f.write(json.dumps(metrics) + "\n")
-            if self.checkpoint_dir is not None and self.checkpoint_every and self.step % self.checkpoint_every == 0:
+            if (self.checkpoint_dir is not None and self.checkpoint_every and self.step % self.checkpoint_every == 0
+                    and self.rank == 0):
                 save_checkpoint(self.checkpoint_dir, self.step, self.denoiser, self.optimizer, self.scheduler,
                                 self.ema, extra={"skipper": self.skipper.state_dict()}, keep=self.keep)
         bar.close()

@@ -214,3 +214,41 @@ def test_stages_switch_trainable_parameters(minilm):
     assert snapshots[3] and all(n.startswith(("net.blocks.1.", "net.final")) for n in snapshots[2] | snapshots[3])
     with pytest.raises(ValueError, match="patterns"):
         set_trainable(trainer.denoiser, ["nothing.*"])
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_equals_one_process(tmp_path):
+    # 2 ranks (gloo, CPU) with half of the global batch each == 1 process with the whole batch, up to the order
+    # of the gradient reduction.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    pytest.importorskip("transformers")
+    worker = Path(__file__).with_name("_ddp_train.py")
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    subprocess.run([sys.executable, str(worker), str(tmp_path / "one.safetensors")], check=True, env=env, timeout=300)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                    str(worker), str(tmp_path / "ddp.safetensors")], check=True, env=env, timeout=300)
+    one, ddp = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "ddp.safetensors")
+    start = make_state_for_comparison()
+    assert one.keys() == ddp.keys()
+    moved = 0
+    for k in one:
+        torch.testing.assert_close(ddp[k], one[k], atol=1e-5, rtol=1e-4)
+        moved += not torch.equal(one[k], start[k])
+    assert moved > 0  # training happened
+
+
+def make_state_for_comparison():
+    "The worker's initial parameters (same seed and config), to check that training moved them."
+    from deepfusion_ref.dit import DeepFusionDiT
+    from deepfusion_ref.schedules import EDMPrecond
+
+    torch.manual_seed(0)
+    dit = DeepFusionDiT(in_channels=3, patch_size=2, hidden_size=32, depth=2, num_heads=2, text_dim=384,
+                        num_llm_layers=6, rope_axes=(4, 6, 6), long_skips=False)
+    return EDMPrecond(dit).state_dict()
