@@ -36,11 +36,10 @@ class LayerStack:
         return LayerStack(hidden, self.mask.to(hidden.device), move(self.pooled), move(self.keys), move(self.values))
 
     def layers(self, indices) -> torch.Tensor:
-        "The hidden states of the chosen layers, [len(indices), B, T, D]."
-        idx = torch.as_tensor(indices, dtype=torch.long, device=self.hidden.device)
-        if idx.numel() and (idx.min() < 0 or idx.max() >= self.num_layers):
-            raise ValueError(f"layer indices must be in [0, {self.num_layers}), got {idx.tolist()}")
-        return self.hidden.index_select(0, idx)
+        "The hidden states of the chosen layers, [len(indices), B, T, D] (checked by connector.gather_layers)."
+        from deepfusion_ref.connector import gather_layers
+
+        return gather_layers(self.hidden, indices)
 
     def batch_cat(self, other: "LayerStack") -> "LayerStack":
         "This batch followed by `other`'s (what classifier-free guidance needs for cond + uncond)."

@@ -226,7 +226,7 @@ def test_layer_stack_helpers():
     both = LayerStack.stack([a, b])
     assert both.hidden.shape == (3, 2, 5, 4) and both.mask.sum(1).tolist() == [2, 5]
     assert both.layers([2, 0]).shape == (2, 2, 5, 4)
-    with pytest.raises(ValueError, match="layer indices"):
+    with pytest.raises(ValueError, match="indices"):
         both.layers([3])
 
 
