@@ -41,3 +41,20 @@ cudaError_t adaln_norm_backward_launch(const void* grad, const void* x, const vo
 cudaError_t rope_launch(const void* x, const float* cos, const float* sin, void* y, int64_t rows, int64_t n,
                         int64_t dh, DType dtype, cudaStream_t stream);
 }}  // namespace deepfusion_ref::cuda
+
+namespace deepfusion_ref { namespace cuda {
+// GroupNorm + FiLM + SiLU of U-Net blocks: y = silu(((x - mean) rstd w + b) (1 + scale) + shift) (act = false:
+// no silu). x, y: [n, c, hw] contiguous or, with channels_last, [n, hw, c]; weight, bias float32 [c], scale,
+// shift float32 [n, c], each may be null; mean, rstd: float32 [n, groups] outputs. c % groups == 0.
+cudaError_t group_norm_silu_launch(const void* x, const float* weight, const float* bias, const float* scale,
+                                   const float* shift, void* y, float* mean, float* rstd, int64_t n, int64_t c,
+                                   int64_t hw, int64_t groups, bool channels_last, DType dtype, double eps, bool act,
+                                   cudaStream_t stream);
+// Its backward: grad_x (x's dtype and layout) and the float32 [n, c] sums over hw of delta = dL/d(pre-activation)
+// and of delta * xhat (every entry written). Needs c / groups <= 4096 (cudaErrorInvalidValue otherwise).
+cudaError_t group_norm_silu_backward_launch(const void* grad, const void* x, const float* mean, const float* rstd,
+                                            const float* weight, const float* bias, const float* scale,
+                                            const float* shift, void* grad_x, float* sum_delta,
+                                            float* sum_delta_xhat, int64_t n, int64_t c, int64_t hw, int64_t groups,
+                                            bool channels_last, DType dtype, bool act, cudaStream_t stream);
+}}  // namespace deepfusion_ref::cuda

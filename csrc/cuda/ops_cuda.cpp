@@ -1,4 +1,5 @@
-// Thin torch binding of the CUDA kernels (csrc/cuda/kernels.h): dynamic_threshold, adaln_norm(+backward), rope.
+// Thin torch binding of the CUDA kernels (csrc/cuda/kernels.h): dynamic_threshold, adaln_norm(+backward), rope,
+// group_norm_silu(+backward).
 // The schemas are declared in csrc/ops.cpp; this file only registers the CUDA implementations.
 //
 // ATen/cuda/CUDAContext.h is deliberately not included: it pulls in cuBLAS/cuSPARSE headers.
@@ -135,6 +136,103 @@ at::Tensor rope_cuda(const at::Tensor& x_, const at::Tensor& cos_, const at::Ten
   return y;
 }
 
+// group_norm_silu: the layout rule of csrc/ops.cpp (and of the fake in ops.py): channel dim innermost and x not
+// plain contiguous -> [N, HW, C]; otherwise contiguous [N, C, HW].
+bool gn_channels_last(const at::Tensor& x) {
+  return x.dim() >= 3 && !x.is_contiguous() && x.movedim(1, -1).is_contiguous();
+}
+
+at::Tensor gn_in_layout(const at::Tensor& t, bool channels_last) {
+  return channels_last ? t.movedim(1, -1).contiguous().movedim(-1, 1) : t.contiguous();
+}
+
+at::Tensor gn_empty_like(const at::Tensor& x, bool channels_last) {
+  if (channels_last) return at::empty(x.movedim(1, -1).sizes(), x.options()).movedim(-1, 1);
+  return at::empty(x.sizes(), x.options());
+}
+
+void check_gn_param(const std::optional<at::Tensor>& t, const char* name, at::IntArrayRef shape, const at::Tensor& x) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->sizes() == shape && t->scalar_type() == at::kFloat && t->device() == x.device(), "group_norm_silu: ",
+              name, " must be a float32 tensor of shape ", shape, " on x's device, got ", t->scalar_type(), " ",
+              t->sizes(), " on ", t->device());
+}
+
+const float* gn_param_ptr(const std::optional<at::Tensor>& t, std::optional<at::Tensor>& keep) {
+  if (!t.has_value()) return nullptr;
+  keep = t->contiguous();
+  return keep->const_data_ptr<float>();
+}
+
+struct GnArgs {
+  int64_t n, c, hw;
+  bool channels_last;
+};
+
+GnArgs check_gn(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+                const std::optional<at::Tensor>& shift, int64_t num_groups) {
+  TORCH_CHECK(x.is_cuda() && x.dim() >= 3, op, " (CUDA): x must be a [N, C, *spatial] CUDA tensor, got ", x.sizes());
+  const int64_t n = x.size(0), c = x.size(1);
+  TORCH_CHECK(num_groups >= 1 && c % num_groups == 0, op, ": num_groups must divide the ", c, " channels, got ",
+              num_groups);
+  check_gn_param(weight, "weight", {c}, x);
+  check_gn_param(bias, "bias", {c}, x);
+  check_gn_param(scale, "scale", {n, c}, x);
+  check_gn_param(shift, "shift", {n, c}, x);
+  return {n, c, n * c == 0 ? 0 : x.numel() / (n * c), gn_channels_last(x)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cuda(
+    const at::Tensor& x_, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, int64_t num_groups, double eps,
+    bool act) {
+  const GnArgs a = check_gn("group_norm_silu", x_, weight, bias, scale, shift, num_groups);
+  const cuda::DType dtype = cuda_dtype(x_, "group_norm_silu");
+  c10::cuda::CUDAGuard device_guard(x_.device());
+  const at::Tensor x = gn_in_layout(x_, a.channels_last);
+  at::Tensor y = gn_empty_like(x, a.channels_last);
+  at::Tensor mean = at::zeros({a.n, num_groups}, x.options().dtype(at::kFloat)), rstd = at::zeros({a.n, num_groups}, x.options().dtype(at::kFloat));
+  std::optional<at::Tensor> kw, kb, ks, kt;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  check_launch(cuda::group_norm_silu_launch(x.const_data_ptr(), gn_param_ptr(weight, kw), gn_param_ptr(bias, kb),
+                                            gn_param_ptr(scale, ks), gn_param_ptr(shift, kt), y.mutable_data_ptr(),
+                                            mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(), a.n, a.c,
+                                            a.hw, num_groups, a.channels_last, dtype, eps, act, stream),
+               "group_norm_silu");
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cuda(
+    const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor& mean_, const at::Tensor& rstd_,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, int64_t num_groups, bool act) {
+  const GnArgs a = check_gn("group_norm_silu_backward", x_, weight, bias, scale, shift, num_groups);
+  TORCH_CHECK(grad_.sizes() == x_.sizes() && grad_.scalar_type() == x_.scalar_type() && grad_.device() == x_.device(),
+              "group_norm_silu_backward: grad must have x's shape, dtype and device");
+  TORCH_CHECK(mean_.sizes() == at::IntArrayRef({a.n, num_groups}) && rstd_.sizes() == mean_.sizes() &&
+                  mean_.scalar_type() == at::kFloat && rstd_.scalar_type() == at::kFloat,
+              "group_norm_silu_backward: mean and rstd must be float32 [N, num_groups]");
+  TORCH_CHECK(a.c / num_groups <= 4096, "group_norm_silu_backward (CUDA): at most 4096 channels per group, got ",
+              a.c / num_groups);
+  const cuda::DType dtype = cuda_dtype(x_, "group_norm_silu_backward");
+  c10::cuda::CUDAGuard device_guard(x_.device());
+  const at::Tensor x = gn_in_layout(x_, a.channels_last), grad = gn_in_layout(grad_, a.channels_last);
+  const at::Tensor mean = mean_.contiguous(), rstd = rstd_.contiguous();
+  at::Tensor grad_x = gn_empty_like(x, a.channels_last);
+  at::Tensor sums = at::zeros({2, a.n, a.c}, x.options().dtype(at::kFloat));
+  std::optional<at::Tensor> kw, kb, ks, kt;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
+  check_launch(cuda::group_norm_silu_backward_launch(
+                   grad.const_data_ptr(), x.const_data_ptr(), mean.const_data_ptr<float>(),
+                   rstd.const_data_ptr<float>(), gn_param_ptr(weight, kw), gn_param_ptr(bias, kb),
+                   gn_param_ptr(scale, ks), gn_param_ptr(shift, kt), grad_x.mutable_data_ptr(),
+                   sums[0].mutable_data_ptr<float>(), sums[1].mutable_data_ptr<float>(), a.n, a.c, a.hw, num_groups,
+                   a.channels_last, dtype, act, stream),
+               "group_norm_silu_backward");
+  return {grad_x, sums[0], sums[1]};
+}
+
 }  // namespace
 }  // namespace deepfusion_ref
 
@@ -143,4 +241,6 @@ TORCH_LIBRARY_IMPL(deepfusion_ref, CUDA, m) {
   m.impl("adaln_norm", &deepfusion_ref::adaln_norm_cuda);
   m.impl("adaln_norm_backward", &deepfusion_ref::adaln_norm_backward_cuda);
   m.impl("rope", &deepfusion_ref::rope_cuda);
+  m.impl("group_norm_silu", &deepfusion_ref::group_norm_silu_cuda);
+  m.impl("group_norm_silu_backward", &deepfusion_ref::group_norm_silu_backward_cuda);
 }
