@@ -1,5 +1,6 @@
 """Benchmark of the compiled ops against PyTorch, in one process: dynamic thresholding, then the DiT's
-adaln_norm and rope (forward, and forward+backward, vs the eager and torch.compile'd references).
+adaln_norm and rope, and the U-Net's group_norm_silu (forward, and forward+backward, vs the eager and
+torch.compile'd references).
 
 For each op and size it prints the median time of the compiled kernel and, as ratios (baseline time / kernel
 time, so > 1 means the kernel is faster):
@@ -50,11 +51,18 @@ def main():
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per measurement")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--only", choices=["group_norm"], help="run only this op's rows")
     args = parser.parse_args()
     if not ops.kernel_available("dynamic_threshold", args.device):
         raise SystemExit(f"no compiled dynamic_threshold kernel for {args.device}: build the extension first")
 
     dtype = getattr(torch, args.dtype)
+    if args.only == "group_norm":
+        rows = bench_group_norm(args, dtype)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     kernel = lambda x: ops.dynamic_threshold(x, 0.995, None, impl="extension")[0]  # noqa: E731
     reference = lambda x: ops.dynamic_threshold_reference(x, 0.995, None)[0]  # noqa: E731
     compiled = None if args.no_compile else torch.compile(reference)
@@ -85,6 +93,7 @@ def main():
         print(f"{size:>16} {row['kernel_ms']:>10.3f} {ratio('quantile_ms'):>12} {ratio('reference_ms'):>13} "
               f"{ratio('compiled_ms'):>12} {ratio('copy_ms'):>8}")
     rows += bench_dit_ops(args, dtype)
+    rows += bench_group_norm(args, dtype)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
@@ -129,6 +138,51 @@ def bench_dit_ops(args, dtype):
                 rows.append(row)
                 ratio = lambda k: f"{row[k] / row['kernel_ms']:.2f}x" if k in row else "n/a"  # noqa: E731
                 print(f"{name:>12} {row['size']:>18} {pass_:>8} {row['kernel_ms']:>10.3f} {ratio('reference_ms'):>13} "
+                      f"{ratio('compiled_ms'):>12}")
+    return rows
+
+
+GROUP_NORM_SIZES = {"cpu": [(8, 128, 32, 32), (4, 256, 64, 64)], "cuda": [(8, 128, 32, 32), (4, 256, 64, 64),
+                                                                       (16, 512, 64, 64)]}
+
+
+def bench_group_norm(args, dtype, groups=32):
+    "group_norm_silu with weight, bias and FiLM scale/shift vs F.silu(F.group_norm(x) * (1 + s) + t), both layouts."
+    device = args.device
+    print(f"\ngroup_norm_silu on {device}, {args.dtype}, {groups} groups, with FiLM; ratio = baseline / kernel")
+    header = f"{'layout':>14} {'size':>16} {'pass':>8} {'kernel ms':>10} {'vs eager':>9} {'vs compiled':>12}"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    F = torch.nn.functional
+
+    def eager(x, w, b, s, t):
+        return F.silu(F.group_norm(x, groups, w, b) * (1 + s[:, :, None, None]) + t[:, :, None, None])
+
+    compiled = None if args.no_compile else torch.compile(eager)
+    for size in GROUP_NORM_SIZES[device]:
+        n, c = size[:2]
+        w, b = (torch.randn(c, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+        s, t = (torch.randn(n, c, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+        for layout in ("contiguous", "channels_last"):
+            x = torch.randn(size, device=device, dtype=dtype)
+            x = x.to(memory_format=getattr(torch, layout + "_format" if layout == "contiguous" else layout))
+            x.requires_grad_()
+            for pass_ in ("fwd", "fwd+bwd"):
+                def timed(fn):
+                    if pass_ == "fwd":
+                        return lambda u: fn(u.detach(), w, b, s, t)
+                    return lambda u: fn(u, w, b, s, t).sum().backward()
+                kernel = lambda u, *p: ops.group_norm_silu(u, p[0], p[1], groups, p[2], p[3], impl="extension")  # noqa: E731
+                row = {"op": "group_norm_silu", "size": "x".join(map(str, size)), "layout": layout, "pass": pass_,
+                       "device": device, "dtype": args.dtype}
+                row["kernel_ms"] = median_ms(timed(kernel), x, args.min_time)
+                row["eager_ms"] = median_ms(timed(eager), x, args.min_time)
+                if compiled is not None:
+                    row["compiled_ms"] = median_ms(timed(compiled), x, args.min_time)
+                rows.append(row)
+                ratio = lambda k: f"{row[k] / row['kernel_ms']:.2f}x" if k in row else "n/a"  # noqa: E731
+                print(f"{layout:>14} {row['size']:>16} {pass_:>8} {row['kernel_ms']:>10.3f} {ratio('eager_ms'):>9} "
                       f"{ratio('compiled_ms'):>12}")
     return rows
 
