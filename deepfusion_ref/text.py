@@ -24,6 +24,7 @@ class LayerStack:
     pooled: torch.Tensor | None = None  # [B, D]: masked mean of the last layer
     keys: torch.Tensor | None = None  # [L, B, T, D_kv]: each layer's own attention keys (capture_kv=True)
     values: torch.Tensor | None = None  # [L, B, T, D_kv]: ... and values, for `kv` fusion
+    drop: torch.Tensor | None = None  # [B] bool: rows a learned null condition replaces (train.LearnedNull)
 
     @property
     def num_layers(self) -> int:
@@ -33,7 +34,9 @@ class LayerStack:
         "Move/cast like Tensor.to (the mask keeps its bool dtype)."
         move = lambda t: None if t is None else t.to(*args, **kwargs)  # noqa: E731
         hidden = move(self.hidden)
-        return LayerStack(hidden, self.mask.to(hidden.device), move(self.pooled), move(self.keys), move(self.values))
+        drop = None if self.drop is None else self.drop.to(hidden.device)
+        return LayerStack(hidden, self.mask.to(hidden.device), move(self.pooled), move(self.keys), move(self.values),
+                          drop)
 
     def layers(self, indices) -> torch.Tensor:
         "The hidden states of the chosen layers, [len(indices), B, T, D] (checked by connector.gather_layers)."
@@ -58,7 +61,10 @@ class LayerStack:
 
         mask = torch.cat([nn.functional.pad(s.mask, (0, length - s.mask.shape[1])) for s in items], 0)
         pooled = None if any(s.pooled is None for s in items) else torch.cat([s.pooled for s in items])
-        return LayerStack(cat_layers("hidden"), mask, pooled, cat_layers("keys"), cat_layers("values"))
+        drop = None
+        if any(s.drop is not None for s in items):  # a stack without a drop mask drops nothing
+            drop = torch.cat([s.drop if s.drop is not None else s.mask.new_zeros(s.mask.shape[0]) for s in items])
+        return LayerStack(cat_layers("hidden"), mask, pooled, cat_layers("keys"), cat_layers("values"), drop)
 
 # %% ../nbs/04_text.ipynb 7
 ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "deberta", "deberta-v2", "electra", "mpnet",

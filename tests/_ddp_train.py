@@ -1,6 +1,7 @@
-"""Worker for tests/test_train.py::test_torchrun_ddp_equals_one_process: trains a tiny DiT for a few steps, under
-torchrun (gloo, CPU) or as one process, and writes the final parameters to the safetensors file argv[1]."""
-import os
+"""Worker for tests/test_train.py::test_torchrun_*: trains a tiny DiT for 4 steps, under torchrun (gloo, CPU) or
+as one process, and writes the final parameters to the safetensors file argv[1].
+  argv[2]: 'ddp' or 'fsdp' (the Trainer's `parallel`); argv[3] (optional): a checkpoint folder: train 2 steps,
+  checkpoint, then continue with a fresh Trainer resumed from it (checkpoints under sharding)."""
 import sys
 
 import torch
@@ -15,16 +16,32 @@ from deepfusion_ref.train import Trainer
 
 hf_logging.disable_progress_bar()
 torch.set_num_threads(1)
-if "WORLD_SIZE" in os.environ:
+distributed = "WORLD_SIZE" in __import__("os").environ
+if distributed:
     torch.distributed.init_process_group("gloo")
+out, parallel = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "ddp"
+checkpoint_dir = sys.argv[3] if len(sys.argv) > 3 else None
 lm = LanguageModel.from_pretrained(packaged_minilm_path(), max_length=96)
-torch.manual_seed(0)
-dit = DeepFusionDiT(in_channels=3, patch_size=2, hidden_size=32, depth=2, num_heads=2, text_dim=lm.hidden_size,
-                    num_llm_layers=lm.num_layers, rope_axes=(4, 6, 6), long_skips=False)
-trainer = Trainer(EDMPrecond(dit), lm, SceneDataset(8, 16, 16, seed=1), steps=4, batch_size=4, lr=1e-3,
-                  progress=False)
+
+
+def make_trainer():
+    torch.manual_seed(0)
+    dit = DeepFusionDiT(in_channels=3, patch_size=2, hidden_size=32, depth=2, num_heads=2, text_dim=lm.hidden_size,
+                        num_llm_layers=lm.num_layers, rope_axes=(4, 6, 6), long_skips=False)
+    return Trainer(EDMPrecond(dit), lm, SceneDataset(8, 16, 16, seed=1), steps=4, batch_size=4, lr=1e-3,
+                   progress=False, parallel=parallel, cond_drop_prob=0.3, checkpoint_dir=checkpoint_dir,
+                   checkpoint_every=2 if checkpoint_dir else 0)
+
+
+trainer = make_trainer()
+if checkpoint_dir:
+    trainer.fit(until=2)  # writes the checkpoint of step 2
+    trainer = make_trainer()
+    assert trainer.resume() and trainer.step == 2
 trainer.fit()
+model, ema, _ = trainer._full_states()  # gathered from the shards under FSDP
 if trainer.rank == 0:
-    save_file({k: v.contiguous() for k, v in trainer.denoiser.state_dict().items()}, sys.argv[1])
-if trainer.world > 1:
+    save_file({**{k: v.contiguous() for k, v in model.items()},
+               **{f"ema.{k}": v.contiguous() for k, v in ema.items()}}, out)
+if distributed:
     torch.distributed.destroy_process_group()

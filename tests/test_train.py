@@ -183,21 +183,65 @@ def test_grad_accumulation_equals_the_big_batch(minilm):
     trainer = make_trainer(minilm)
     trainer.grad_accum, trainer.grad_clip = 2, None
     trainer.skipper.min_history = 10**9  # never skip in this test
-    model = trainer.denoiser
+    trainer.cond_drop_prob = manual_drop = 0.5  # dropped rows (learned null) in both micro-batches
+    model = trainer.conditioned
     before = [p.detach().clone() for p in model.parameters()]
     trainer.train_step()
     manual = make_trainer(minilm)
+    manual.cond_drop_prob = manual_drop
     loss = 0
     for micro in range(2):
         x0, prompts = manual.batch(micro)
+        assert "" in prompts
         g = torch.Generator().manual_seed(micro)
-        loss = loss + manual.edm_loss(manual.denoiser, x0, minilm.encode(prompts), generator=g) / 2
+        loss = loss + manual.edm_loss(manual.conditioned, x0, manual.encode(prompts), generator=g) / 2
     loss.backward()
-    opt = torch.optim.AdamW(param_groups(manual.denoiser, 0.1), lr=1e-3 * trapezoidal_lr(0, 20, 2, 5), betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(param_groups(manual.conditioned, 0.1), lr=1e-3 * trapezoidal_lr(0, 20, 2, 5),
+                            betas=(0.9, 0.95))
     opt.step()
-    for a, b, p0 in zip(model.parameters(), manual.denoiser.parameters(), before):
+    for a, b, p0 in zip(model.parameters(), manual.conditioned.parameters(), before):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     assert any(not torch.equal(a, p0) for a, p0 in zip(model.parameters(), before))
+
+
+def test_dropped_captions_train_the_learned_null(minilm):
+    from deepfusion_ref.text import LayerStack
+
+    trainer = make_trainer(minilm)
+    cond = trainer.encode(["a red circle", "", "two shapes"])
+    assert cond.drop.tolist() == [False, True, False]
+    seen = trainer.null(cond)
+    assert torch.equal(seen.hidden[:, 0], cond.hidden[:, 0]) and torch.equal(seen.hidden[:, 2], cond.hidden[:, 2])
+    assert torch.equal(seen.hidden[:, 1, 0], trainer.null.hidden[:, 0]) and seen.mask[1].sum() == 1
+    # the unconditional branch at sampling time is the same learned condition, and a stack keeps its drop marks
+    assert torch.equal(trainer.null.stack(2).hidden[:, 1, 0], trainer.null.hidden[:, 0])
+    joined = LayerStack.stack([cond, minilm.encode(["x"])])
+    assert joined.drop.tolist() == [False, True, False, False]
+    # an update moves the null only when some row of the batch was dropped
+    trainer.cond_drop_prob = 0.0
+    before = trainer.null.hidden.detach().clone()
+    for _ in range(3):  # (adaLN-Zero: the text path only influences the output after the gates have moved)
+        trainer.train_step()
+    assert torch.equal(trainer.null.hidden, before)
+    trainer.cond_drop_prob = 1.0
+    trainer.train_step()
+    assert not torch.equal(trainer.null.hidden, before)
+
+
+def test_sample_grids_are_written_at_intervals(minilm, tmp_path):
+    from PIL import Image
+
+    trainer = make_trainer(minilm, steps=8)
+    trainer.sample_every, trainer.sample_prompts, trainer.sample_dir = 4, ["a red circle", "two shapes"], tmp_path
+    trainer.sample_steps = 3
+    trainer.fit()
+    grids = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert grids == ["step_00000004.png", "step_00000008.png"]
+    assert Image.open(tmp_path / grids[0]).size == (2 * 18 + 2, 18 + 2)  # two 16x16 samples with 2-pixel borders
+    a = trainer.sample(["a red circle"], steps=3, seed=1)
+    assert torch.equal(a, trainer.sample(["a red circle"], steps=3, seed=1)) and a.abs().max() <= 1
+    with pytest.raises(ValueError, match="sample_prompts"):
+        type(trainer)(trainer.denoiser, minilm, trainer.dataset, steps=2, sample_every=5)
 
 
 def test_stages_switch_trainable_parameters(minilm):
@@ -216,10 +260,7 @@ def test_stages_switch_trainable_parameters(minilm):
         set_trainable(trainer.denoiser, ["nothing.*"])
 
 
-@pytest.mark.slow
-def test_torchrun_ddp_equals_one_process(tmp_path):
-    # 2 ranks (gloo, CPU) with half of the global batch each == 1 process with the whole batch, up to the order
-    # of the gradient reduction.
+def run_worker(out, parallel="ddp", ranks=1, checkpoint_dir=None):
     import os
     import subprocess
     import sys
@@ -227,20 +268,50 @@ def test_torchrun_ddp_equals_one_process(tmp_path):
 
     from safetensors.torch import load_file
 
-    pytest.importorskip("transformers")
     worker = Path(__file__).with_name("_ddp_train.py")
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    subprocess.run([sys.executable, str(worker), str(tmp_path / "one.safetensors")], check=True, env=env, timeout=300)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                    str(worker), str(tmp_path / "ddp.safetensors")], check=True, env=env, timeout=300)
-    one, ddp = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "ddp.safetensors")
+    launcher = [sys.executable] if ranks == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", "29517"]
+    args = [str(worker), str(out), parallel] + ([str(checkpoint_dir)] if checkpoint_dir else [])
+    subprocess.run(launcher + args, check=True, env=env, timeout=300)
+    return load_file(out)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    pytest.importorskip("transformers")
+    return run_worker(tmp_path_factory.mktemp("one") / "one.safetensors")
+
+
+def assert_same_training(got, expected):
     start = make_state_for_comparison()
-    assert one.keys() == ddp.keys()
+    assert got.keys() == expected.keys()
     moved = 0
-    for k in one:
-        torch.testing.assert_close(ddp[k], one[k], atol=1e-5, rtol=1e-4)
-        moved += not torch.equal(one[k], start[k])
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], atol=1e-5, rtol=1e-4)
+        moved += k in start and not torch.equal(expected[k], start[k])
     assert moved > 0  # training happened
+    assert any(k.startswith("null.") for k in expected)  # the learned null trained and was checkpointed too
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_equals_one_process(one_process, tmp_path):
+    # 2 ranks (gloo, CPU) with half of the global batch each == 1 process with the whole batch, up to the order
+    # of the gradient reduction.
+    assert_same_training(run_worker(tmp_path / "ddp.safetensors", "ddp", ranks=2), one_process)
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp2_with_resume_equals_one_process(one_process, tmp_path):
+    # FSDP2 (fully_shard, 2 ranks): 2 steps, a checkpoint gathered from the shards, a fresh sharded trainer resumed
+    # from it, 2 more steps == 4 steps in one process. The checkpoint also loads into a plain, unsharded model.
+    from deepfusion_ref.train import latest_checkpoint, load_checkpoint
+
+    got = run_worker(tmp_path / "fsdp.safetensors", "fsdp", ranks=2, checkpoint_dir=tmp_path / "ckpt")
+    assert_same_training(got, one_process)
+    plain = {}
+    meta = load_checkpoint(latest_checkpoint(tmp_path / "ckpt"), plain, restore_rng=False)
+    assert meta["step"] == 4 and plain.keys() == {k for k in one_process if not k.startswith("ema.")}
 
 
 def make_state_for_comparison():
@@ -251,4 +322,4 @@ def make_state_for_comparison():
     torch.manual_seed(0)
     dit = DeepFusionDiT(in_channels=3, patch_size=2, hidden_size=32, depth=2, num_heads=2, text_dim=384,
                         num_llm_layers=6, rope_axes=(4, 6, 6), long_skips=False)
-    return EDMPrecond(dit).state_dict()
+    return {f"denoiser.{k}": v for k, v in EDMPrecond(dit).state_dict().items()}
