@@ -178,7 +178,7 @@ class _UNetBase(ModelMixin, ConfigMixin):
             raise ValueError(f"padding_mode must be 'zeros' or 'circular', got {padding_mode!r}")
         if not channels or any(c < 1 for c in channels):
             raise ValueError(f"channels must be a non-empty list of positive widths per level, got {channels}")
-        self.base_dim = channels[0]
+        self.base_dim = channels[0] + channels[0] % 2  # width of the sinusoidal embeddings (even)
         def mlp():
             return nn.Sequential(nn.Linear(self.base_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
