@@ -1,0 +1,201 @@
+"""The `deepfusion` command line: train from YAML/JSON (resume, identical results), config errors, sample, eval, run
+(papermill) and the installed entry point."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from deepfusion_ref.cli import ConfigError, load_config, main, parse_value
+from deepfusion_ref.evaluate import CATEGORIES
+
+TINY = """
+seed: 3
+out_dir: {out}
+data: {{kind: scenes, width: 16, height: 16, size: 32, max_objects: 2}}
+language_model: {{path: minilm, max_length: 48}}
+model: {{class: DeepFusionDiT, patch_size: 2, hidden_size: 32, depth: 2, num_heads: 2, long_skips: false}}
+train: {{steps: {steps}, batch_size: 4, lr: 1e-3, cond_drop_prob: 0.3, checkpoint_every: 3, progress: false}}
+"""
+
+
+def write_config(path: Path, out: Path, steps: int = 6) -> Path:
+    path.write_text(TINY.format(out=out, steps=steps))
+    return path
+
+
+def metric_steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpoint_tensors(out: Path, step: int) -> dict:
+    folder = out / "checkpoints" / f"step_{step:08d}"
+    return {**load_file(folder / "model.safetensors"), **{f"ema.{k}": v for k, v in
+                                                          load_file(folder / "ema.safetensors").items()}}
+
+
+@pytest.fixture(scope="module")
+def yaml_run(tmp_path_factory):
+    "A tiny DiT trained for 6 steps by `deepfusion train --config tiny.yaml`."
+    root = tmp_path_factory.mktemp("cli")
+    config = write_config(root / "tiny.yaml", root / "yaml_run")
+    assert main(["train", "--config", str(config)]) == 0
+    return root, root / "yaml_run"
+
+
+def test_train_writes_checkpoints_metrics_and_pipeline(yaml_run):
+    from deepfusion_ref.pipeline import Text2ImagePipeline
+
+    root, out = yaml_run
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
+    assert metric_steps(out) == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(json.loads(line)["loss"]) for line in (out / "metrics.jsonl").read_text().splitlines())
+    pipe = Text2ImagePipeline.from_pretrained(out / "pipeline")
+    assert pipe.sample_size == (16, 16) and pipe.null is not None
+    assert pipe.network.config["text_dim"] == 384 and pipe.network.config["num_llm_layers"] == 6  # filled from MiniLM
+    # the pipeline holds the EMA network of the last checkpoint
+    ema = checkpoint_tensors(out, 6)
+    for name, value in pipe.network.state_dict().items():
+        assert torch.equal(value, ema[f"ema.module.denoiser.net.{name}"]), name
+    saved = json.loads((out / "pipeline" / "training_config.json").read_text())
+    assert saved == load_config(root / "tiny.yaml")
+
+
+def test_json_config_trains_bit_identical_to_yaml(yaml_run):
+    root, out = yaml_run
+    config = yaml.safe_load((root / "tiny.yaml").read_text())
+    assert config["train"]["lr"] == "1e-3"  # PyYAML's reading, which load_config corrects
+    config["train"]["lr"] = 0.001
+    config["out_dir"] = str(root / "json_run")
+    (root / "tiny.json").write_text(json.dumps(config))
+    assert load_config(root / "tiny.json") == {**load_config(root / "tiny.yaml"), "out_dir": str(root / "json_run")}
+    assert main(["train", "--config", str(root / "tiny.json")]) == 0
+    a, b = checkpoint_tensors(out, 6), checkpoint_tensors(root / "json_run", 6)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rerun_resumes_instead_of_restarting(yaml_run):
+    root, out = yaml_run
+    copy = root / "resumed"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("pipeline"))
+    config = write_config(root / "resume.yaml", copy, steps=6)
+    before = checkpoint_tensors(copy, 6)
+    assert main(["train", "--config", str(config)]) == 0  # the same command again: nothing left to train
+    assert metric_steps(copy) == [1, 2, 3, 4, 5, 6]
+    assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
+    assert all(torch.equal(v, checkpoint_tensors(copy, 6)[k]) for k, v in before.items())
+    # a run that died after logging step 7 but before checkpointing it: its line is dropped and step 7 is redone
+    with open(copy / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 7, "loss": 123.0}) + "\n")
+    write_config(config, copy, steps=8)
+    assert main(["train", "--config", str(config)]) == 0
+    assert metric_steps(copy) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert json.loads((copy / "checkpoints" / "step_00000008" / "state.json").read_text())["step"] == 8
+    assert (copy / "pipeline" / "pipeline.json").exists()
+
+
+def test_config_errors_name_the_file_and_key(tmp_path, capsys):
+    good = TINY.format(out=tmp_path / "never", steps=2)
+    for right, wrong, key in (("steps: 2", "stepz: 2", "train.stepz"),
+                              ("max_objects: 2", "max_object: 2", "data.max_object")):
+        path = tmp_path / "bad.yaml"
+        path.write_text(good.replace(right, wrong))
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", "--config", str(path)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert str(path) in err and repr(key) in err and f"did you mean {right.split(':')[0]!r}" in err
+    (tmp_path / "extra.yaml").write_text(good + "optimiser: adam\n")
+    with pytest.raises(ConfigError, match=r"extra\.yaml: unknown key 'optimiser'"):
+        load_config(tmp_path / "extra.yaml")
+    (tmp_path / "model.yaml").write_text(good.replace("class: DeepFusionDiT", "class: DiT"))
+    with pytest.raises(ConfigError, match=r"'model.class' must be one of"):
+        load_config(tmp_path / "model.yaml")
+    (tmp_path / "c.toml").write_text("")
+    with pytest.raises(ConfigError, match=r"c\.toml: unknown config format"):
+        load_config(tmp_path / "c.toml")
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "missing.yaml")
+    assert not (tmp_path / "never").exists()  # nothing was built or written
+
+
+def test_sample_writes_requested_size_deterministically(yaml_run, tmp_path):
+    from deepfusion_ref.pipeline import Text2ImagePipeline
+
+    _, out = yaml_run
+    args = ["sample", "--pipeline", str(out / "pipeline"), "--prompt", "a red circle", "--steps", "3",
+            "--height", "32", "--width", "16", "--guidance", "2.5"]
+    assert main(args + ["--out", str(tmp_path / "a.png"), "--seed", "5"]) == 0
+    assert main(args + ["--out", str(tmp_path / "b.png"), "--seed", "5"]) == 0
+    assert main(args + ["--out", str(tmp_path / "c.png"), "--seed", "6", "--num-images", "2"]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / f)) for f in ("a.png", "b.png"))
+    assert Image.open(tmp_path / "a.png").size == (16, 32)  # PIL: (width, height)
+    assert np.array_equal(a, b)
+    c0, c1 = (np.asarray(Image.open(tmp_path / f"c_{i}.png")) for i in range(2))
+    assert not np.array_equal(a, c0) and not np.array_equal(c0, c1)
+    # the flags reach the pipeline call as the diffusers arguments they stand for
+    pipe = Text2ImagePipeline.from_pretrained(out / "pipeline")
+    expected = pipe("a red circle", height=32, width=16, num_inference_steps=3, guidance_scale=2.5,
+                    generator=torch.Generator().manual_seed(5), progress=False).images[0]
+    assert np.array_equal(a, np.asarray(expected))
+
+
+def test_eval_writes_aggregate_json_and_report(yaml_run, tmp_path, capsys):
+    _, out = yaml_run
+    args = ["eval", "--pipeline", str(out / "pipeline"), "--n", "3", "--steps", "2", "--level", "5"]
+    assert main(args + ["--out", str(tmp_path / "m.json"), "--report", str(tmp_path / "r.html")]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert tuple(metrics["accuracy"]) == CATEGORIES and metrics["n_images"] == 3
+    assert metrics["settings"]["seed"] == 1000 and metrics["settings"]["pairs"] == "consecutive"
+    assert 0 <= metrics["overall"] <= 1 and 0 <= metrics["saturation"] <= 1
+    assert (tmp_path / "r.html").exists() and (tmp_path / "r.png").exists()
+    assert json.loads(capsys.readouterr().out) == metrics  # also printed
+    # the noise of image i does not depend on how the images are batched
+    assert main(args + ["--out", str(tmp_path / "m2.json"), "--batch-size", "2"]) == 0
+    assert json.loads((tmp_path / "m2.json").read_text()) == metrics
+    with pytest.raises(SystemExit):  # seed 0 made the training scenes (training_config.json beside the pipeline)
+        main(["eval", "--pipeline", str(out / "pipeline"), "--seed", "0"])
+    assert "seed of the training scenes" in capsys.readouterr().err
+
+
+def test_parse_value_reads_yaml_scalars():
+    assert parse_value("3") == 3 and isinstance(parse_value("3"), int)
+    assert parse_value("2.5e-1") == 0.25 and parse_value("1e-3") == 0.001
+    assert parse_value("true") is True and parse_value("None") is None and parse_value("null") is None
+    assert parse_value("[1, 3]") == [1, 3]
+    assert parse_value("runs/x") == "runs/x" and parse_value("") == "" and parse_value("2024-01-01") == "2024-01-01"
+
+
+def test_run_injects_parameters(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("x = 1\nratio = 0.5\ntag = 'a'\nresult = 'unset'",
+                                          metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("import json\nfrom pathlib import Path\n"
+                                          "Path(result).write_text(json.dumps([x, ratio, tag, type(x).__name__]))")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "tiny.ipynb")
+    result = tmp_path / "result.json"
+    assert main(["run", str(tmp_path / "tiny.ipynb"), "-p", "x", "3", "-p", "ratio", "2.5e-1", "-r", "tag", "007",
+                 "-r", "result", str(result), "--out", str(tmp_path / "ran.ipynb")]) == 0
+    assert json.loads(result.read_text()) == [3, 0.25, "007", "int"]
+    executed = nbformat.read(tmp_path / "ran.ipynb", as_version=4)
+    assert "injected-parameters" in executed.cells[1].metadata.tags
+
+
+def test_installed_entry_point_and_module():
+    script = Path(sys.executable).parent / "deepfusion"
+    assert script.exists(), "the console script is missing: pip install --no-build-isolation --no-deps -e ."
+    done = subprocess.run([str(script), "--help"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert all(cmd in done.stdout for cmd in ("train", "sample", "eval", "run"))
+    done = subprocess.run([sys.executable, "-m", "deepfusion_ref.cli", "train", "--config", "missing.yaml"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "missing.yaml" in done.stderr
