@@ -2,8 +2,9 @@
 # Everything CI checks, in order (run by `make test` after tools/install.sh):
 #   1. notebooks, package and README agree: nbdev_export, nbdev_clean and tools/readme.py change nothing;
 #   2. every CUDA source compiles with nvcc (nothing runs without a GPU);
-#   3. pytest on tests/ (CUDA tests run only where a GPU is present);
-#   4. nbdev_test on nbs/ (every notebook, pipelines included, executed top to bottom; `#| cuda` cells on a GPU).
+#   3. pytest on tests/ (CUDA tests run only where a GPU is present; the nbs/pipelines/ experiments run there under
+#      papermill with their CPU-small parameters);
+#   4. nbdev_test on nbs/ (every component notebook executed top to bottom; `#| cuda` cells on a GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -34,4 +35,5 @@ python -m pytest tests -q -p no:cacheprovider
 step "nbdev_test nbs/"
 # Cells flagged `#| cuda` run only where a GPU is present.
 flags=$(python -c "import torch; print('cuda' if torch.cuda.is_available() else '')")
-nbdev_test --path nbs --flags "$flags" --do_print --timing
+# nbs/pipelines/ is skipped here: tests/test_pipeline_notebooks.py runs those notebooks under papermill.
+nbdev_test --path nbs --flags "$flags" --do_print --timing --skip_folder_re "^([_.]|pipelines$)"
