@@ -5,7 +5,7 @@
 # %% auto 0
 __all__ = ['NO_DECAY_MODULES', 'MANIFEST', 'PARALLEL', 'param_groups', 'trapezoidal_lr', 'SpikeSkipper', 'rng_state',
            'set_rng_state', 'save_checkpoint', 'latest_checkpoint', 'load_checkpoint', 'set_trainable',
-           'block_patterns', 'LearnedNull', 'NullConditioned', 'image_grid', 'shard_fsdp', 'Trainer']
+           'block_patterns', 'LearnedNull', 'NullConditioned', 'image_grid', 'shard_fsdp', 'ema_update', 'Trainer']
 
 # %% ../nbs/11_train.ipynb 3
 import hashlib
@@ -327,9 +327,21 @@ def _full_state_options():
 
 # %% ../nbs/11_train.ipynb 26
 from tqdm.auto import tqdm
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 PARALLEL = ("ddp", "fsdp")
+
+
+def ema_update(decay: float, warmup: bool = True):
+    """AveragedModel's in-place EMA step. With `warmup` the decay is min(decay, (1 + n) / (10 + n)) after n updates
+    (as diffusers' EMAModel), so that a short run's average is not dominated by the initial weights."""
+
+    @torch.no_grad()
+    def update(ema_params, params, num_averaged):
+        d = min(decay, (1 + int(num_averaged)) / (10 + int(num_averaged))) if warmup else decay
+        torch._foreach_lerp_(ema_params, params, 1 - d)
+
+    return update
 
 
 class Trainer:
@@ -338,7 +350,7 @@ class Trainer:
     def __init__(self, denoiser: nn.Module, language_model, dataset, steps: int, batch_size: int = 16,
                  lr: float = 1e-4, betas=(0.9, 0.95), weight_decay: float = 0.1, warmup_steps: int = 0,
                  decay_steps: int = 0, cond_drop_prob: float = 0.1, learned_null: bool = True,
-                 ema_decay: float = 0.999, spike_factor: float = 5.0, grad_clip: float | None = 1.0,
+                 ema_decay: float = 0.999, ema_warmup: bool = True, spike_factor: float = 5.0, grad_clip: float | None = 1.0,
                  checkpoint_dir=None, checkpoint_every: int = 0, keep: int = 3, metrics_file=None, seed: int = 0,
                  device="cpu", progress: bool = True, grad_accum: int = 1, bf16: bool | None = None, stages=None,
                  parallel: str = "ddp", sample_every: int = 0, sample_prompts=None, sample_dir=None,
@@ -365,7 +377,7 @@ class Trainer:
             self.null = LearnedNull(probe.num_layers, probe.hidden.shape[-1], kv_dim).to(device)
         # `conditioned` is what trains, is averaged and is checkpointed: the denoiser (+ its learned null).
         self.conditioned = self.denoiser if self.null is None else NullConditioned(self.denoiser, self.null)
-        self.ema = AveragedModel(self.conditioned, multi_avg_fn=get_ema_multi_avg_fn(ema_decay))
+        self.ema = AveragedModel(self.conditioned, multi_avg_fn=ema_update(ema_decay, ema_warmup))
         # Distributed (torchrun): every rank draws the same global batch and noise and takes its shard; DDP
         # averages the gradients (FSDP2 reduce-scatters them), so N ranks compute the update of one process.
         dist = torch.distributed
