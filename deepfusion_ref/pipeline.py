@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from .schedules import EDMPrecond, FlowDenoiser, GuidedDenoiser, VPDenoiser, karras_sigmas, sample_euler, sample_heun
 from .text import LanguageModel, LayerStack
 from .thresholding import THRESHOLDS
-from .train import LearnedNull
+from .train import LearnedNull, codec_decode, codec_encode
 
 # %% ../nbs/12_pipeline.ipynb 5
 LM_SETTINGS = "deepfusion_language_model.json"
@@ -106,7 +106,8 @@ class Text2ImagePipeline:
         null = module.null if trainer.null is not None else None
         network = denoiser.net  # the trainer trains EDMPrecond(network)
         h, w = trainer.dataset[0]["image"].shape[-2:]
-        return cls(trainer.lm, network, "edm", null, sample_size=(h, w), sigma_data=denoiser.sigma_data, **kwargs)
+        return cls(trainer.lm, network, "edm", null, trainer.codec, sample_size=(h, w), sigma_data=denoiser.sigma_data,
+                   **kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -141,19 +142,11 @@ class Text2ImagePipeline:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         "Samples in the network's space -> images in [-1, 1]."
-        if self.codec is None:
-            return latents.clamp(-1, 1)
-        cfg = self.codec.config
-        z = latents / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
-        return self.codec.decode(z.to(self.codec.dtype)).sample.float().clamp(-1, 1)
+        return codec_decode(self.codec, latents).clamp(-1, 1)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         "Images in [-1, 1] -> the network's space (what training on a codec uses)."
-        if self.codec is None:
-            return images
-        cfg = self.codec.config
-        z = self.codec.encode(images.to(self.codec.dtype)).latent_dist.mode()
-        return (z - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
+        return codec_encode(self.codec, images)
 
     @torch.no_grad()
     def __call__(self, prompt, negative_prompt=None, height: int | None = None, width: int | None = None,

@@ -5,7 +5,8 @@
 # %% auto 0
 __all__ = ['NO_DECAY_MODULES', 'MANIFEST', 'PARALLEL', 'param_groups', 'trapezoidal_lr', 'SpikeSkipper', 'rng_state',
            'set_rng_state', 'save_checkpoint', 'latest_checkpoint', 'load_checkpoint', 'set_trainable',
-           'block_patterns', 'LearnedNull', 'NullConditioned', 'image_grid', 'shard_fsdp', 'ema_update', 'Trainer']
+           'block_patterns', 'LearnedNull', 'NullConditioned', 'image_grid', 'shard_fsdp', 'codec_encode',
+           'codec_decode', 'train_autoencoder', 'ema_update', 'Trainer']
 
 # %% ../nbs/11_train.ipynb 3
 import hashlib
@@ -327,6 +328,48 @@ def _full_state_options():
 
 # %% ../nbs/11_train.ipynb 26
 from tqdm.auto import tqdm
+
+
+def codec_encode(codec, images: torch.Tensor) -> torch.Tensor:
+    "Images in [-1, 1] -> normalised latents of a diffusers AutoencoderKL (None: pixel space, unchanged)."
+    if codec is None:
+        return images
+    cfg = codec.config
+    z = codec.encode(images.to(codec.dtype)).latent_dist.mode()
+    return ((z - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor).float()
+
+
+def codec_decode(codec, latents: torch.Tensor) -> torch.Tensor:
+    "Normalised latents -> images (unclamped); the inverse of codec_encode's scaling."
+    if codec is None:
+        return latents
+    cfg = codec.config
+    z = latents / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+    return codec.decode(z.to(codec.dtype)).sample.float()
+
+
+def train_autoencoder(codec, dataset, steps: int, batch_size: int = 16, lr: float = 1e-3, kl_weight: float = 1e-6,
+                      seed: int = 0, device="cpu", progress: bool = True) -> list[float]:
+    "Train an AutoencoderKL on a data set's images (L1 + kl_weight * KL); the per-step reconstruction losses."
+    codec.to(device).train()
+    optimizer = torch.optim.AdamW(codec.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in tqdm(range(steps), disable=not progress, desc="autoencoder"):
+        idx = torch.randint(len(dataset), (batch_size,), generator=g).tolist()
+        x = torch.stack([dataset[i]["image"] for i in idx]).to(device)
+        posterior = codec.encode(x).latent_dist
+        recon = codec.decode(posterior.sample(generator=None)).sample
+        l1 = (recon - x).abs().mean()
+        loss = l1 + kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(l1.item())
+    return losses
+
+# %% ../nbs/11_train.ipynb 29
+from tqdm.auto import tqdm
 from torch.optim.swa_utils import AveragedModel
 
 PARALLEL = ("ddp", "fsdp")
@@ -354,7 +397,7 @@ class Trainer:
                  checkpoint_dir=None, checkpoint_every: int = 0, keep: int = 3, metrics_file=None, seed: int = 0,
                  device="cpu", progress: bool = True, grad_accum: int = 1, bf16: bool | None = None, stages=None,
                  parallel: str = "ddp", sample_every: int = 0, sample_prompts=None, sample_dir=None,
-                 sample_steps: int = 18, guidance_scale: float = 3.0):
+                 sample_steps: int = 18, guidance_scale: float = 3.0, codec=None):
         from deepfusion_ref.schedules import edm_loss
 
         if grad_accum < 1:
@@ -364,6 +407,8 @@ class Trainer:
         if sample_every and not (sample_prompts and sample_dir):
             raise ValueError("sample_every needs sample_prompts (a list of prompts) and sample_dir")
         self.denoiser, self.lm, self.dataset = denoiser.to(device), language_model, dataset
+        # A frozen latent codec (diffusers AutoencoderKL): the denoiser then learns its latents, not pixels.
+        self.codec = None if codec is None else codec.to(device).eval().requires_grad_(False)
         self.steps, self.batch_size, self.cond_drop_prob, self.seed, self.device = steps, batch_size, cond_drop_prob, seed, device
         self.grad_clip, self.progress, self.edm_loss, self.grad_accum = grad_clip, progress, edm_loss, grad_accum
         self.bf16 = torch.device(device).type == "cuda" if bf16 is None else bf16  # autocast on GPU by default
@@ -475,6 +520,9 @@ class Trainer:
         total = 0.0
         for micro in range(self.grad_accum):  # micro-batches of one optimiser step
             x0, prompts = self.batch(self.step * self.grad_accum + micro)
+            if self.codec is not None:
+                with torch.no_grad():
+                    x0 = codec_encode(self.codec, x0)
             g = torch.Generator().manual_seed(self.seed * 7919 + self.step * self.grad_accum + micro)
             sigma = (-1.2 + 1.2 * torch.randn(x0.shape[0], generator=g)).exp()  # EDM's log-normal, drawn globally
             noise = torch.randn(x0.shape, generator=g).to(x0.device)
@@ -508,11 +556,12 @@ class Trainer:
         cond = self.lm.encode(prompts).to(self.device)
         uncond = ema.null.stack(len(prompts)) if self.null is not None else self.lm.encode([""] * len(prompts)).to(self.device)
         guided = GuidedDenoiser(denoiser, cond, uncond, self.guidance_scale if guidance_scale is None else guidance_scale)
-        shape = (len(prompts),) + tuple(self.dataset[0]["image"].shape)
+        probe = self.dataset[0]["image"][None].to(self.device)
+        shape = (len(prompts),) + tuple(probe.shape[1:] if self.codec is None else codec_encode(self.codec, probe).shape[1:])
         g = torch.Generator().manual_seed(seed)
         sigmas = karras_sigmas(steps or self.sample_steps).to(self.device)
         x = (torch.randn(shape, generator=g) * sigmas[0].cpu()).to(self.device)
-        return sample_heun(guided, x, sigmas).clamp(-1, 1)
+        return codec_decode(self.codec, sample_heun(guided, x, sigmas)).clamp(-1, 1)
 
     def fit(self, until: int | None = None) -> list[dict]:
         "Train up to `steps` (or stop early at step `until`), continuing from a resumed step; per-step metrics."

@@ -189,3 +189,45 @@ def test_qwen2_vl_reference_image_conditions_and_seed_varies(tiny_models):
     assert torch.equal(a, call(pipe, prompt, image=red, num_images_per_prompt=2, guidance_scale=1.0))
     with pytest.raises(ValueError, match="images: only a Qwen2-VL model reads images"):
         LanguageModel.from_pretrained(tiny_models["llama"]).encode(prompt, images=[red])
+
+
+def tiny_vae(latent_channels=16):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(16, 32),
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         layers_per_block=1, norm_num_groups=8, sample_size=16)
+
+
+def test_autoencoder_trains_on_scenes():
+    from deepfusion_ref.data import SceneDataset
+    from deepfusion_ref.train import train_autoencoder
+
+    l1 = train_autoencoder(tiny_vae(), SceneDataset(32, 16, 16, seed=3), steps=40, batch_size=8, lr=3e-3,
+                           progress=False)
+    assert sum(l1[-5:]) < 0.6 * sum(l1[:5])
+
+
+def test_trainer_on_codec_latents_and_its_pipeline(minilm):
+    "The trainer denoises the frozen codec's latents; its pipeline decodes them to pixels of the data's size."
+    from deepfusion_ref.data import SceneDataset
+    from deepfusion_ref.schedules import EDMPrecond
+    from deepfusion_ref.train import Trainer, codec_encode
+
+    vae = tiny_vae()
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    data = SceneDataset(8, 16, 16, seed=0)
+    trainer = Trainer(EDMPrecond(tiny_dit(minilm, in_channels=16)), minilm, data, steps=3, batch_size=4, lr=1e-3,
+                      progress=False, codec=vae)
+    seen = []
+    loss = trainer.edm_loss
+    trainer.edm_loss = lambda model, x0, *a, **k: seen.append(x0.shape) or loss(model, x0, *a, **k)
+    trainer.fit()
+    assert seen == [(4, 16, 8, 8)] * 3  # latents, not pixels
+    assert all(torch.equal(v, before[k]) for k, v in vae.state_dict().items())  # the codec stays frozen
+    assert trainer.sample(["a red circle"], steps=3).shape == (1, 3, 16, 16)
+    pipe = Text2ImagePipeline.from_trainer(trainer)
+    assert pipe.codec is vae and call(pipe).shape == (2, 3, 16, 16)
+    x = torch.stack([data[i]["image"] for i in range(2)])
+    assert torch.equal(pipe.encode_image(x), codec_encode(vae, x))
