@@ -368,7 +368,7 @@ def train_autoencoder(codec, dataset, steps: int, batch_size: int = 16, lr: floa
         losses.append(l1.item())
     return losses
 
-# %% ../nbs/11_train.ipynb 29
+# %% ../nbs/11_train.ipynb 30
 from tqdm.auto import tqdm
 from torch.optim.swa_utils import AveragedModel
 
