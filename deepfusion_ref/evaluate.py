@@ -4,8 +4,8 @@
 
 # %% auto 0
 __all__ = ['SRGB_TO_XYZ', 'D65_WHITE', 'SHAPE_CONSTANTS', 'CATEGORIES', 'PALETTE_LAB', 'CORRUPTIONS', 'srgb_to_lab', 'ciede2000',
-           'as_rgb_array', 'as_scene', 'segment', 'fit_shape', 'detect', 'colour_matches', 'score_scene', 'aggregate',
-           'corrupt_scene', 'saturation_fraction', 'side_by_side_report']
+           'as_rgb_array', 'as_scene', 'segment', 'fit_shape', 'noise_level', 'isolation', 'detect', 'colour_matches',
+           'score_scene', 'aggregate', 'corrupt_scene', 'saturation_fraction', 'side_by_side_report']
 
 # %% ../nbs/13_evaluate.ipynb 3
 import base64
@@ -136,28 +136,39 @@ def segment(image, background_rgb, fg_threshold: float = 10.0, blend_tolerance: 
     off = np.stack([_segment_distance(rgb, background, c)[1] for c in colours])
     nearest = np.argmin(off, axis=0)  # each foreground pixel to the colour line it lies closest to
     eight = np.ones((3, 3), dtype=bool)
+    # components as (pixels, label image, label, bounding box grown by one pixel for the ring): each is then worked on
+    # inside its box, so that a noise image with thousands of specks costs little more than a clean one
     components = []
     for k in range(len(colours)):
         comp, n = ndimage.label(foreground & (nearest == k), structure=eight)
-        components += [comp == i for i in range(1, n + 1)]
+        pixels = np.bincount(comp.ravel(), minlength=n + 1)
+        for i, box in enumerate(ndimage.find_objects(comp), start=1):
+            grown = tuple(slice(max(0, s.start - 1), min(size, s.stop + 1)) for s, size in zip(box, (h, w)))
+            components.append((int(pixels[i]), comp, i, grown))
     regions, taken = [], np.zeros((h, w), dtype=bool)
     ys, xs = np.mgrid[0:h, 0:w] + 0.5  # pixel centres, the coordinates data.render samples around
-    for mask in sorted(components, key=lambda m: -m.sum()):
+    for count, comp, i, box in sorted(components, key=lambda c: -c[0]):
+        if 9 * count < min_pixels:  # even full coverage of the component and its whole ring would be too small
+            continue
+        sub, mask = rgb[box], comp[box] == i
         # the component's own colour: mean of its (nearly) fully covered pixels
-        seed_alpha, _ = _segment_distance(rgb, background, rgb[mask][np.argmax(strength[mask])])
+        seed_rgb = sub[mask][np.argmax(strength[box][mask])]
+        seed_alpha, _ = _segment_distance(sub, background, seed_rgb)
         solid = mask & (seed_alpha >= 0.95)
-        colour = rgb[solid].mean(axis=0) if solid.any() else rgb[mask][np.argmax(strength[mask])]
+        colour = sub[solid].mean(axis=0) if solid.any() else seed_rgb
         # coverage over the component and a one-pixel ring (faint anti-aliased edge pixels below the threshold)
-        support = ndimage.binary_dilation(mask, structure=eight) & ~taken
-        alpha, off_line = _segment_distance(rgb, background, colour)
+        support = ndimage.binary_dilation(mask, structure=eight) & ~taken[box]
+        alpha, off_line = _segment_distance(sub, background, colour)
         alpha = np.where(support & ((off_line <= blend_tolerance) | mask), alpha, 0.0)
         area = float(alpha.sum())
         if area < min_pixels:
             continue
-        taken |= mask
-        regions.append({"mask": mask, "alpha": alpha, "colour": colour, "area": area,
-                        "centroid": (float((alpha * xs).sum() / area), float((alpha * ys).sum() / area))})
-        labels[mask] = len(regions)
+        full_mask, full_alpha = np.zeros((h, w), dtype=bool), np.zeros((h, w))
+        full_mask[box], full_alpha[box] = mask, alpha
+        taken |= full_mask
+        regions.append({"mask": full_mask, "alpha": full_alpha, "colour": colour, "area": area,
+                        "centroid": (float((alpha * xs[box]).sum() / area), float((alpha * ys[box]).sum() / area))})
+        labels[full_mask] = len(regions)
     return labels, regions
 
 # %% ../nbs/13_evaluate.ipynb 20
@@ -208,25 +219,58 @@ def fit_shape(alpha: np.ndarray, area: float, centroid: tuple, supersample: int 
     return {"shape": best, "centre": (cx, cy), "radius": r, "errors": errors}
 
 # %% ../nbs/13_evaluate.ipynb 24
+def noise_level(image) -> float:
+    "Per-pixel noise sigma (0..255 units): median absolute difference of neighbouring pixels, scaled for Gaussian noise."
+    rgb = as_rgb_array(image)
+    steps = np.concatenate([np.abs(np.diff(rgb, axis=0)).ravel(), np.abs(np.diff(rgb, axis=1)).ravel()])
+    # the difference of two pixels with independent noise has sigma * sqrt(2); for a Gaussian, MAD = 0.6745 sigma
+    return float(np.median(steps) / 0.6745 / math.sqrt(2)) if steps.size else 0.0
+
+
+def isolation(mask: np.ndarray, near_background: np.ndarray, inner: int = 1, outer: int = 3) -> float:
+    "Fraction of the ring inner < d <= outer pixels (8-connected) around a region mask that is background; 0 without one."
+    eight = np.ones((3, 3), dtype=bool)
+    ring = (ndimage.binary_dilation(mask, eight, iterations=outer)
+            & ~ndimage.binary_dilation(mask, eight, iterations=inner))
+    return float(near_background[ring].mean()) if ring.any() else 0.0
+
+# %% ../nbs/13_evaluate.ipynb 28
 CATEGORIES = ("presence", "shape", "colour", "size", "count", "position")
 PALETTE_LAB = {name: srgb_to_lab(rgb) for name, rgb in PALETTE.items()}
 
 
-def detect(image, background_rgb, **segment_kwargs) -> list[dict]:
-    "Objects in an image: shape, size, centre (fractions of width / height), colour (sRGB and Lab), area."
+def detect(image, background_rgb, max_fit_error: float = 0.8, min_isolation: float = 0.5, size_tolerance: float = 1.6,
+           denoise_above: float = 10.0, **segment_kwargs) -> list[dict]:
+    """Objects in an image: shape, size, centre (fractions of width / height), colour (sRGB and Lab), area, template fit
+    error and isolation. Regions that are no object (noise specks, fringes, patches of another colour) are left out."""
+    if not max_fit_error > 0 or not 0 <= min_isolation <= 1 or not size_tolerance >= 1 or not denoise_above >= 0:
+        raise ValueError("max_fit_error must be > 0, min_isolation in [0, 1], size_tolerance >= 1 and denoise_above >= 0, "
+                         f"got {max_fit_error}, {min_isolation}, {size_tolerance}, {denoise_above}")
     rgb = as_rgb_array(image)
     h, w, _ = rgb.shape
     side = min(h, w)
+    if noise_level(rgb) > denoise_above:  # noise beyond the blend tolerance would break objects into fragments
+        rgb = ndimage.gaussian_filter(rgb, (0.7, 0.7, 0))
+    # what the isolation ring counts as background: a 3x3 median removes pixel noise, not a band of background
+    probe = ndimage.median_filter(rgb, size=(3, 3, 1), mode="nearest")
+    near_background = (np.linalg.norm(srgb_to_lab(probe) - srgb_to_lab(background_rgb), axis=-1)
+                       <= 2 * segment_kwargs.get("fg_threshold", 10.0))
+    smallest, largest = min(SIZES.values()) / size_tolerance, max(SIZES.values()) * size_tolerance
     _, regions = segment(rgb, background_rgb, **segment_kwargs)
     found = []
     for reg in regions:
         fit = fit_shape(reg["alpha"], reg["area"], reg["centroid"])
-        relative = fit["radius"] / side
+        relative, error = fit["radius"] / side, fit["errors"][fit["shape"]]
+        if not (smallest <= relative <= largest and error <= max_fit_error):
+            continue
+        isolated = isolation(reg["mask"], near_background)
+        if isolated < min_isolation:
+            continue
         size = min(SIZES, key=lambda s: abs(math.log(relative / SIZES[s])))
         found.append({"shape": fit["shape"], "size": size, "radius": relative, "x": fit["centre"][0] / w,
                       "y": fit["centre"][1] / h, "rgb": tuple(float(round(v, 1)) for v in reg["colour"]),
                       "lab": srgb_to_lab(reg["colour"]), "area": reg["area"] / side**2,
-                      "shape_errors": fit["errors"]})
+                      "shape_errors": fit["errors"], "fit_error": error, "isolation": isolated})
     return found
 
 
@@ -240,13 +284,15 @@ def colour_matches(obj: SceneObject, lab, exact_tolerance: float) -> bool:
 def _question(category, correct, expected, observed, **where) -> dict:
     return {"category": category, **where, "expected": expected, "observed": observed, "correct": bool(correct)}
 
-# %% ../nbs/13_evaluate.ipynb 25
+# %% ../nbs/13_evaluate.ipynb 29
 def score_scene(image, scene, exact_tolerance: float = 10.0, pairs: str = "all",
                 position_margin: float = RELATION_MARGIN / 2, **segment_kwargs) -> dict:
     """GenEval-style questions about one generated image against the scene its prompt described.
 
     Returns dict(questions=[{category, object | objects | kind, expected, observed, correct}], objects=[per described
     object: matched detection index or None, colour_error (CIEDE2000), exact], detections=[...], accuracy, all_correct).
+    Further keyword arguments go to `detect` (max_fit_error, min_isolation, size_tolerance, denoise_above) and `segment`.
+    A question about an object that was not found is wrong, never skipped (GenEval's rule).
     """
     if pairs not in ("all", "consecutive"):
         raise ValueError(f"pairs must be 'all' or 'consecutive', got {pairs!r}")
@@ -312,7 +358,7 @@ def score_scene(image, scene, exact_tolerance: float = 10.0, pairs: str = "all",
     return {"width": rgb.shape[1], "height": rgb.shape[0], "questions": questions, "objects": per_object,
             "detections": detections, "accuracy": float(np.mean(correct)), "all_correct": bool(all(correct))}
 
-# %% ../nbs/13_evaluate.ipynb 31
+# %% ../nbs/13_evaluate.ipynb 35
 def aggregate(results: list[dict]) -> dict:
     """Per-category accuracy over all questions, overall accuracy (mean over questions; fraction of images with every
     question right) and CIEDE2000 colour error of exact-RGB objects; plain JSON types only."""
@@ -336,7 +382,7 @@ def aggregate(results: list[dict]) -> dict:
                          "ciede2000_median": float(np.median(errors)) if errors else None},
     }
 
-# %% ../nbs/13_evaluate.ipynb 36
+# %% ../nbs/13_evaluate.ipynb 40
 CORRUPTIONS = ("colour", "shape", "move", "drop", "extra")
 
 
@@ -391,7 +437,7 @@ def corrupt_scene(scene, kind: str, rng: np.random.Generator) -> tuple[Scene, in
                     return out, i
     return None
 
-# %% ../nbs/13_evaluate.ipynb 39
+# %% ../nbs/13_evaluate.ipynb 48
 def saturation_fraction(images) -> float:
     """Fraction of channel values at the range limit: 0 or 255 for uint8 arrays / PIL images, |x| >= 1 for float tensors
     in [-1, 1] (a generator's clipped output). Takes one image, a list of them or a batch tensor [B, 3, H, W]."""
@@ -416,7 +462,7 @@ def saturation_fraction(images) -> float:
         hits, total = hits + int(((a == 0) | (a == 255)).sum()), total + a.size
     return hits / total
 
-# %% ../nbs/13_evaluate.ipynb 42
+# %% ../nbs/13_evaluate.ipynb 51
 def _to_pil(image, height: int):
     from PIL import Image
 

@@ -1,5 +1,6 @@
 """Scene scorer: CIEDE2000 against all 34 published pairs of Sharma, Wu & Dalal (2005); >= 99% right on clean renders
 at 32x32, 64x64 and 64x40; every corruption fails exactly the question it breaks; small noise and blur flip nothing;
+images without objects (noise, blank frames) score near zero and every question about an absent object is wrong;
 saturation by hand; report files written and readable."""
 import json
 
@@ -9,9 +10,10 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from deepfusion_ref.data import Scene, SceneObject, captions, render, sample_scene
-from deepfusion_ref.evaluate import (CORRUPTIONS, aggregate, as_rgb_array, ciede2000, corrupt_scene,
-                                     saturation_fraction, score_scene, side_by_side_report, srgb_to_lab)
+from deepfusion_ref.data import BACKGROUNDS, Scene, SceneObject, captions, render, sample_scene
+from deepfusion_ref.evaluate import (CATEGORIES, CORRUPTIONS, aggregate, as_rgb_array, ciede2000, corrupt_scene, detect,
+                                     isolation, noise_level, saturation_fraction, score_scene, side_by_side_report,
+                                     srgb_to_lab)
 
 # Sharma, Wu, Dalal (2005), Table 1: L1 a1 b1 L2 a2 b2 dE00
 SHARMA = [
@@ -151,6 +153,104 @@ def test_small_noise_and_blur_flip_nothing(size):
         t = t + 0.03 * torch.from_numpy(rng.standard_normal(t.shape)).float()
         results.append(score_scene(t, scene))
     assert aggregate(results)["overall"] >= 0.99
+
+
+def _objectless(kind, scene, rng):
+    "An image with none of the scene's objects: noise, or a blank frame of the background or of another colour."
+    w, h = scene.width, scene.height
+    if kind == "uniform":
+        return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    if kind.startswith("grey"):  # Gaussian noise around mid-grey, as a model tensor in [-1, 1] (clipped by the scorer)
+        return torch.from_numpy(float(kind[4:]) * rng.standard_normal((3, h, w))).float()
+    if kind == "blank":
+        return render(Scene([], scene.background, scene.background_rgb, w, h))
+    if kind == "other background":
+        other = [c for n, c in BACKGROUNDS.items() if n != scene.background]
+        return np.full((h, w, 3), other[rng.integers(len(other))], np.uint8)
+    return np.full((h, w, 3), scene.objects[0].rgb, np.uint8)  # blank in the colour of a described object
+
+
+@pytest.mark.parametrize("size", [(16, 16), (32, 32), (48, 48), (64, 40)])
+@pytest.mark.parametrize("kind", ["uniform", "grey0.1", "grey0.3", "grey1", "blank", "other background", "object colour"])
+def test_images_without_objects_score_near_zero(size, kind):
+    for seed in (0, 1):
+        rng = np.random.default_rng(100 + seed)
+        scenes = _scenes(*size, 12, seed=200 + seed)
+        agg = aggregate([score_scene(_objectless(kind, s, rng), s) for s in scenes])
+        assert agg["overall"] <= 0.15 and agg["accuracy"]["presence"] <= 0.1, (kind, size, seed, agg["accuracy"])
+        assert agg["images_all_correct"] == 0
+
+
+def test_absent_objects_make_all_their_questions_wrong():
+    # one object drawn of three: every question about the other two is wrong, whatever the category
+    objs = [SceneObject("circle", "red", (220, 30, 50), "large", 0.25, 0.3),
+            SceneObject("star", "blue", (30, 90, 220), "small", 0.75, 0.3),
+            SceneObject("square", "#0a8282", (10, 130, 130), "small", 0.5, 0.75)]
+    scene = Scene(objs, "cream", (245, 238, 220), 64, 64)
+    res = score_scene(render(Scene(objs[:1], "cream", (245, 238, 220), 64, 64)), scene)
+    by_object = {}
+    for q in res["questions"]:
+        for i in ([q["object"]] if "object" in q else q.get("objects", [])):
+            by_object.setdefault(i, []).append(q)
+    assert all(q["correct"] for q in by_object[0] if "object" in q)  # the drawn object is right
+    for i in (1, 2):
+        assert {q["category"] for q in by_object[i]} == {"presence", "shape", "colour", "size", "position"}
+        assert not any(q["correct"] for q in by_object[i]), by_object[i]
+    counts = {q["kind"]: q["correct"] for q in res["questions"] if q["category"] == "count"}
+    assert counts == {"red circle": True, "blue star": False, "#0a8282 square": False, "all shapes": False}
+    assert res["objects"][1]["detection"] is None and res["objects"][2]["colour_error"] is None
+    # aggregate counts them (not skipped): 1 of 3 present, 1 of 3 right shapes, ...
+    agg = aggregate([res])
+    assert all(agg["questions"][c] > 0 for c in CATEGORIES)
+    assert agg["accuracy"]["presence"] == agg["accuracy"]["shape"] == agg["accuracy"]["colour"] == pytest.approx(1 / 3)
+    assert agg["accuracy"]["position"] == 0 and agg["exact_colour"] == {"n": 1, "found": 0, "ciede2000_mean": None,
+                                                                        "ciede2000_median": None}
+    # an empty image: every question wrong
+    empty = aggregate([score_scene(render(Scene([], "cream", (245, 238, 220), 64, 64)), scene)])
+    assert all(v == 0 for v in empty["accuracy"].values()) and empty["overall"] == 0
+
+
+def test_noise_specks_and_patches_are_not_objects():
+    rng = np.random.default_rng(3)
+    scene = _scenes(32, 32, 1, seed=4)[0]
+    noisy = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    assert detect(noisy, scene.background_rgb) == []
+    assert detect(noisy, scene.background_rgb, max_fit_error=9, size_tolerance=9) == []  # isolation alone rejects noise
+    patch = render(Scene([], scene.background, scene.background_rgb, 32, 32))
+    patch[4:28, 4:28] = (220, 30, 50)  # a square far larger than any object
+    assert detect(patch, scene.background_rgb) == []
+    dets = detect(render(scene), scene.background_rgb)
+    assert len(dets) == len(scene.objects) and all(d["isolation"] > 0.8 and d["fit_error"] < 0.1 for d in dets)
+    with pytest.raises(ValueError, match="min_isolation"):
+        detect(render(scene), scene.background_rgb, min_isolation=2)
+
+
+def test_noise_level_and_isolation_by_hand():
+    rng = np.random.default_rng(6)
+    flat = np.full((64, 64, 3), 100.0)
+    assert noise_level(flat) == 0 and noise_level(render(_scenes(64, 64, 1, seed=5)[0])) == 0
+    for sigma in (3.0, 12.0):
+        assert noise_level(flat + sigma * rng.standard_normal(flat.shape)) == pytest.approx(sigma, rel=0.05)
+    mask = np.zeros((10, 10), bool)
+    mask[4:6, 4:6] = True
+    background = np.ones((10, 10), bool)
+    background[1, :] = False  # the ring is rows / columns 1..8 less 3..6: 64 - 16 = 48 pixels; row 1 holds 8 of them
+    assert isolation(mask, background) == pytest.approx(40 / 48)
+    assert isolation(np.ones((5, 5), bool), np.ones((5, 5), bool)) == 0  # no ring at all
+
+
+@pytest.mark.parametrize("size", [(32, 32), (64, 40)])
+def test_plausible_imperfect_samples_still_score_well(size):
+    # blur and noise of a soft generator; the noisy case (15 levels of 255) is smoothed before segmentation
+    for blur, noise, floor in ((0.7, 0.05, 0.95), (0.5, 0.12, 0.85)):
+        rng = np.random.default_rng(12)
+        results = []
+        for scene in _scenes(*size, 30, seed=51):
+            x = ndimage.gaussian_filter(render(scene).astype(float), (blur, blur, 0))
+            t = torch.from_numpy(x).permute(2, 0, 1).float() / 127.5 - 1
+            results.append(score_scene(t + noise * torch.from_numpy(rng.standard_normal(t.shape)).float(), scene))
+        agg = aggregate(results)
+        assert agg["overall"] >= floor and agg["accuracy"]["presence"] >= 0.95, (blur, noise, agg["accuracy"])
 
 
 def test_saturation_fraction_by_hand():
