@@ -16,7 +16,10 @@ def parameters_cell(path: Path) -> str:
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_under_papermill_and_writes_metrics(notebook, tmp_path):
+def test_notebook_runs_under_papermill_and_writes_metrics(notebook, tmp_path, monkeypatch):
+    # One intra-op thread in the kernel: the CPU-small models are too small for OpenMP to pay off, and a busy
+    # second core would make its threads spin.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     params = parameters_cell(notebook)
     assert "out_dir" in params and "device" in params, f"{notebook.name}: parameters need out_dir and device"
     out_dir = tmp_path / "out"
