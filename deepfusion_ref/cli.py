@@ -292,7 +292,7 @@ def pipeline_of(trainer, config: dict):
     module = denoiser if null is None else NullConditioned(denoiser, null)
     module.load_state_dict({k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")})
     h, w = trainer.dataset[0]["image"].shape[-2:]
-    return Text2ImagePipeline(trainer.lm, network.eval(), "edm", null, sample_size=(h, w),
+    return Text2ImagePipeline(trainer.lm, network.eval(), "edm", null, trainer.codec, sample_size=(h, w),
                               sigma_data=denoiser.sigma_data)
 
 
