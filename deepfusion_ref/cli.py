@@ -183,13 +183,13 @@ def build_language_model(section: dict, device="cpu"):
 
 
 def rope_axes_for(head_dim: int) -> tuple:
-    "(text, row, column) RoPE widths summing to head_dim: 3/8 of it per image axis (even), the rest for text."
-    spatial = 2 * (3 * head_dim // 16)
-    text = head_dim - 2 * spatial
-    if spatial < 2 or text < 2 or text % 2:
-        raise ConfigError(f"model.rope_axes: cannot split head dimension {head_dim} into even (text, row, column) "
-                          "widths; set model.rope_axes (three even numbers summing to hidden_size // num_heads)")
-    return (text, spatial, spatial)
+    "The DiT's default (text, row, column) RoPE split (`dit.default_rope_axes`), as a config error when impossible."
+    from deepfusion_ref.dit import default_rope_axes
+
+    try:
+        return default_rope_axes(head_dim)
+    except ValueError as e:
+        raise ConfigError(f"model.{e}; set model.rope_axes") from None
 
 
 def build_network(section: dict, language_model, channels: int = 3):

@@ -241,3 +241,16 @@ def test_bad_input_is_named():
         make_model(fusion="kv", kv_dim=16)(torch.randn(1, 4, 16, 16), torch.zeros(1), make_stack(batch=1))
     with pytest.raises(ValueError, match="rope_axes"):
         DeepFusionDiT(hidden_size=32, num_heads=2, rope_axes=(8, 12, 12))
+
+
+def test_default_rope_axes_are_resolved_and_saved(tmp_path):
+    from deepfusion_ref.dit import default_rope_axes
+
+    # 3/8 of the head per image axis, rounded down to even; the rest (even) for the text position
+    assert [default_rope_axes(d) for d in (16, 24, 32, 64)] == [(4, 6, 6), (8, 8, 8), (8, 12, 12), (16, 24, 24)]
+    model = DeepFusionDiT(hidden_size=48, num_heads=2, text_dim=TEXT_DIM, num_llm_layers=L)
+    assert tuple(model.config.rope_axes) == (8, 8, 8)
+    model.save_pretrained(tmp_path)
+    assert tuple(DeepFusionDiT.from_pretrained(tmp_path).config.rope_axes) == (8, 8, 8)
+    with pytest.raises(ValueError, match="rope_axes"):
+        DeepFusionDiT(hidden_size=8, num_heads=2)  # head dimension 4 has no even three-way split
