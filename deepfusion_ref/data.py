@@ -5,7 +5,7 @@
 # %% auto 0
 __all__ = ['SHAPES', 'PALETTE', 'BACKGROUNDS', 'SIZES', 'NUMBER_WORDS', 'RELATION_MARGIN', 'QWEN2VL_FLUX_RATIOS', 'SceneObject',
            'Scene', 'radius_px', 'sample_scene', 'shape_mask', 'render', 'relation', 'captions', 'SceneDataset',
-           'ImageTextFolder', 'aspect_buckets', 'nearest_bucket', 'BucketBatchSampler']
+           'RenderedScenes', 'ImageTextFolder', 'aspect_buckets', 'nearest_bucket', 'BucketBatchSampler']
 
 # %% ../nbs/10_data.ipynb 3
 import json
@@ -240,6 +240,28 @@ class SceneDataset(torch.utils.data.Dataset):
         return {"image": image, "captions": captions(scene), "scene": scene.to_dict()}
 
 # %% ../nbs/10_data.ipynb 18
+class RenderedScenes(torch.utils.data.Dataset):
+    "The items of a scene data set rendered once, each keeping only the captions of the chosen levels (0..5)."
+
+    def __init__(self, scenes: torch.utils.data.Dataset, levels=None):
+        levels = list(range(6)) if levels is None else list(levels)
+        if not levels or not all(isinstance(lv, int) and 0 <= lv < 6 for lv in levels):
+            raise ValueError(f"levels must be a non-empty list of caption indices 0..5, got {levels}")
+        self.levels = levels
+        self.items = [{**item, "captions": [item["captions"][lv] for lv in levels]}
+                      for item in (scenes[i] for i in range(len(scenes)))]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
+
+    def captions(self) -> set[str]:
+        "Every distinct caption kept (what a language model's prompt cache needs to hold)."
+        return {c for item in self.items for c in item["captions"]}
+
+# %% ../nbs/10_data.ipynb 21
 class ImageTextFolder(torch.utils.data.Dataset):
     "Images plus captions.jsonl (file + captions per line); bad rows reported with file and line."
 
@@ -301,7 +323,7 @@ class ImageTextFolder(torch.utils.data.Dataset):
             image = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1
         return {"image": image, "captions": row["captions"]}
 
-# %% ../nbs/10_data.ipynb 20
+# %% ../nbs/10_data.ipynb 23
 QWEN2VL_FLUX_RATIOS = (16 / 9, 2.0, 2.35, 1.0, 0.5)
 
 

@@ -5,7 +5,7 @@
 # %% auto 0
 __all__ = ['SRGB_TO_XYZ', 'D65_WHITE', 'SHAPE_CONSTANTS', 'CATEGORIES', 'PALETTE_LAB', 'CORRUPTIONS', 'srgb_to_lab', 'ciede2000',
            'as_rgb_array', 'as_scene', 'segment', 'fit_shape', 'noise_level', 'isolation', 'detect', 'colour_matches',
-           'score_scene', 'aggregate', 'corrupt_scene', 'saturation_fraction', 'side_by_side_report']
+           'score_scene', 'aggregate', 'score_prompts', 'corrupt_scene', 'saturation_fraction', 'side_by_side_report']
 
 # %% ../nbs/13_evaluate.ipynb 3
 import base64
@@ -382,7 +382,19 @@ def aggregate(results: list[dict]) -> dict:
                          "ciede2000_median": float(np.median(errors)) if errors else None},
     }
 
-# %% ../nbs/13_evaluate.ipynb 40
+# %% ../nbs/13_evaluate.ipynb 38
+def score_prompts(images, scenes, pairs: str = "all", **score_kwargs) -> dict:
+    """Alignment of images[i] with scenes[i] (`matched`) and with scenes[i + 1] (`floor`: the same images, other
+    prompts), each `aggregate`d; `scored` holds the matched per-image results. Images: a tensor [N, 3, H, W] in [-1, 1]
+    or a list of anything `score_scene` reads."""
+    images, scenes = list(images), list(scenes)
+    if len(images) != len(scenes) or not images:
+        raise ValueError(f"images and scenes must be non-empty and of equal length, got {len(images)} and {len(scenes)}")
+    scored = [score_scene(im, sc, pairs=pairs, **score_kwargs) for im, sc in zip(images, scenes)]
+    floor = [score_scene(im, scenes[(i + 1) % len(scenes)], pairs=pairs, **score_kwargs) for i, im in enumerate(images)]
+    return {"matched": aggregate(scored), "floor": aggregate(floor), "scored": scored}
+
+# %% ../nbs/13_evaluate.ipynb 43
 CORRUPTIONS = ("colour", "shape", "move", "drop", "extra")
 
 
@@ -437,7 +449,7 @@ def corrupt_scene(scene, kind: str, rng: np.random.Generator) -> tuple[Scene, in
                     return out, i
     return None
 
-# %% ../nbs/13_evaluate.ipynb 48
+# %% ../nbs/13_evaluate.ipynb 51
 def saturation_fraction(images) -> float:
     """Fraction of channel values at the range limit: 0 or 255 for uint8 arrays / PIL images, |x| >= 1 for float tensors
     in [-1, 1] (a generator's clipped output). Takes one image, a list of them or a batch tensor [B, 3, H, W]."""
@@ -462,7 +474,7 @@ def saturation_fraction(images) -> float:
         hits, total = hits + int(((a == 0) | (a == 255)).sum()), total + a.size
     return hits / total
 
-# %% ../nbs/13_evaluate.ipynb 51
+# %% ../nbs/13_evaluate.ipynb 54
 def _to_pil(image, height: int):
     from PIL import Image
 

@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import statistics
+import time
 from collections import deque
 from pathlib import Path
 
@@ -561,14 +562,26 @@ class Trainer:
         g = torch.Generator().manual_seed(seed)
         sigmas = karras_sigmas(steps or self.sample_steps).to(self.device)
         x = (torch.randn(shape, generator=g) * sigmas[0].cpu()).to(self.device)
-        return codec_decode(self.codec, sample_heun(guided, x, sigmas)).clamp(-1, 1)
+        return codec_decode(self.codec, sample_heun(guided, x, sigmas, progress=self.progress)).clamp(-1, 1)
 
-    def fit(self, until: int | None = None) -> list[dict]:
-        "Train up to `steps` (or stop early at step `until`), continuing from a resumed step; per-step metrics."
+    def _out_of_time(self, start: float, minutes: float | None) -> bool:
+        "Whether the wall-clock budget is spent; under torchrun rank 0's clock decides, so all ranks stop together."
+        if minutes is None:
+            return False
+        spent = torch.tensor(float(time.perf_counter() - start >= minutes * 60), device=self.device)
+        if self.world > 1:
+            torch.distributed.broadcast(spent, 0)
+        return bool(spent.item())
+
+    def fit(self, until: int | None = None, minutes: float | None = None) -> list[dict]:
+        """Train up to `steps` (or stop early at step `until`, or when `minutes` of wall-clock time are spent),
+        continuing from a resumed step; per-step metrics."""
+        if minutes is not None and not minutes > 0:
+            raise ValueError(f"minutes must be > 0 (a wall-clock budget) or None, got {minutes}")
         stop = self.steps if until is None else min(until, self.steps)
-        history = []
+        history, start = [], time.perf_counter()
         bar = tqdm(total=self.steps, initial=self.step, disable=not self.progress, desc="train")
-        while self.step < stop:
+        while self.step < stop and not self._out_of_time(start, minutes):
             metrics = self.train_step()
             history.append(metrics)
             bar.update(1)

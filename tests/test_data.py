@@ -167,3 +167,19 @@ def test_aspect_buckets_and_batches():
     assert all(len(b) == 3 for b in dropped) and len(dropped) == 4  # 5 per bucket -> one full batch each
     with pytest.raises(ValueError, match="max_side"):
         aspect_buckets(1000)
+
+
+def test_rendered_scenes_keep_images_scenes_and_the_chosen_caption_levels():
+    from deepfusion_ref.data import RenderedScenes
+
+    scenes = SceneDataset(10, 24, 24, seed=9, max_objects=2)
+    rendered = RenderedScenes(scenes, levels=[4, 1])
+    for i in range(len(scenes)):
+        item = scenes[i]
+        assert torch.equal(rendered[i]["image"], item["image"]) and rendered[i]["scene"] == item["scene"]
+        assert rendered[i]["captions"] == [item["captions"][4], item["captions"][1]]
+    assert rendered.captions() == {c for i in range(10) for c in (scenes[i]["captions"][4], scenes[i]["captions"][1])}
+    assert [it["captions"] for it in RenderedScenes(scenes).items] == [scenes[i]["captions"] for i in range(10)]
+    for bad in ([], [6], [-1], ["4"]):
+        with pytest.raises(ValueError, match="levels"):
+            RenderedScenes(scenes, levels=bad)

@@ -283,3 +283,19 @@ def test_side_by_side_report_files(tmp_path):
     assert out["scores"][0] == [1.0, 1.0, 1.0] and all(s < 1 for s in out["scores"][1])
     with pytest.raises(ValueError, match="images_a"):
         side_by_side_report(good[:2], recoloured, prompts, tmp_path / "x.png")
+
+
+def test_score_prompts_scores_matched_pairs_and_the_other_prompt_floor():
+    from deepfusion_ref.evaluate import score_prompts, score_scene
+
+    rng = np.random.default_rng(21)
+    scenes = [sample_scene(rng, 32, 32, max_objects=2, exact_rgb_prob=0.0) for _ in range(5)]
+    images = torch.stack([torch.from_numpy(render(s)).permute(2, 0, 1).float() / 127.5 - 1 for s in scenes])
+    report = score_prompts(images, scenes, pairs="consecutive")
+    assert report["matched"]["overall"] == 1.0 and report["matched"]["n_images"] == 5
+    floor = aggregate([score_scene(images[i], scenes[(i + 1) % 5], pairs="consecutive") for i in range(5)])
+    assert report["floor"] == floor and floor["overall"] < 1.0
+    assert [r["questions"] for r in report["scored"]] == [score_scene(im, s, pairs="consecutive")["questions"]
+                                                         for im, s in zip(images, scenes)]
+    with pytest.raises(ValueError, match="equal length"):
+        score_prompts(images[:3], scenes)

@@ -147,6 +147,20 @@ def make_trainer(lm, tmp_path=None, steps=20, seed=0):
                    seed=seed, progress=False)
 
 
+def test_fit_stops_when_the_time_budget_is_spent(minilm, monkeypatch):
+    from types import SimpleNamespace
+
+    import deepfusion_ref.train as train
+
+    trainer = make_trainer(minilm, steps=50)
+    clock = iter(range(0, 10_000, 7))  # a fake clock: every reading is 7 s after the previous one
+    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    history = trainer.fit(minutes=0.5)  # start read at 0 s, then 7, 14, 21, 28 s (train) and 35 s (stop)
+    assert len(history) == trainer.step == 4
+    with pytest.raises(ValueError, match="minutes"):
+        trainer.fit(minutes=0)
+
+
 def test_trainer_resume_is_bit_identical(minilm, tmp_path):
     straight = make_trainer(minilm)
     straight.fit()
