@@ -122,8 +122,9 @@ def test_layer_routing(fusion, strategy, expected):
 @pytest.mark.parametrize("size", [(16, 16), (16, 32), (24, 12)])  # grids 8x8, 8x16, 12x6 at patch 2
 @pytest.mark.parametrize("long_skips", [False, True])
 @pytest.mark.parametrize("downsample", [False, True])
-def test_shapes_and_gradients(size, long_skips, downsample):
-    model = make_model(long_skips=long_skips, downsample=downsample, depth=5).train()
+@pytest.mark.parametrize("ffn", ["mlp", "mix"])
+def test_shapes_and_gradients(size, long_skips, downsample, ffn):
+    model = make_model(long_skips=long_skips, downsample=downsample, depth=5, ffn=ffn).train()
     x = torch.randn(2, 4, *size, requires_grad=True)
     out = model(x, torch.tensor([0.1, 0.7]), make_stack())
     assert out.shape == x.shape
@@ -185,8 +186,9 @@ def test_output_depends_on_the_text():
     assert not torch.allclose(model(x, torch.zeros(2), a), model(x, torch.zeros(2), b))
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
-    model = make_model(downsample=True).train()
+@pytest.mark.parametrize("ffn", ["mlp", "mix"])
+def test_gradient_checkpointing_gives_the_same_gradients(ffn):
+    model = make_model(downsample=True, ffn=ffn).train()
     x = torch.randn(2, 4, 16, 16)
     stack = make_stack()
 
@@ -254,3 +256,37 @@ def test_default_rope_axes_are_resolved_and_saved(tmp_path):
     assert tuple(DeepFusionDiT.from_pretrained(tmp_path).config.rope_axes) == (8, 8, 8)
     with pytest.raises(ValueError, match="rope_axes"):
         DeepFusionDiT(hidden_size=8, num_heads=2)  # head dimension 4 has no even three-way split
+
+
+def test_mix_ffn_equals_a_hand_written_neighbourhood_sum():
+    from deepfusion_ref.dit import MixFFN
+
+    torch.manual_seed(3)
+    mix = MixFFN(8, 12).double()
+    height, width = 4, 6
+    x = torch.randn(2, height * width, 8, dtype=torch.float64)
+    h = mix.expand(x).view(2, height, width, 24)
+    kernel, bias = mix.depthwise.weight[:, 0], mix.depthwise.bias  # [24, 3, 3]
+    conv = bias.expand(2, height, width, 24).clone()
+    for r in range(height):
+        for c in range(width):
+            for dr in (-1, 0, 1):
+                for dc in (-1, 0, 1):
+                    if 0 <= r + dr < height and 0 <= c + dc < width:  # zero padding at the border
+                        conv[:, r, c] += h[:, r + dr, c + dc] * kernel[:, dr + 1, dc + 1]
+    value, gate = conv.reshape(2, height * width, 24).chunk(2, dim=-1)
+    expected = mix.project(value * gate * torch.sigmoid(gate))
+    torch.testing.assert_close(mix(x, (height, width)), expected)
+    with pytest.raises(ValueError, match="grid"):
+        mix(x, (5, 5))
+
+
+def test_mix_ffn_model_round_trip_and_bad_ffn(tmp_path):
+    model = make_model(ffn="mix", downsample=True)
+    x, stack = torch.randn(2, 4, 16, 24), make_stack()
+    model.save_pretrained(tmp_path)
+    loaded = DeepFusionDiT.from_pretrained(tmp_path).eval()
+    assert loaded.config.ffn == "mix"
+    torch.testing.assert_close(loaded(x, torch.zeros(2), stack), model(x, torch.zeros(2), stack))
+    with pytest.raises(ValueError, match="ffn"):
+        make_model(ffn="swiglu")
