@@ -71,7 +71,7 @@ class MixFFN(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    "Joint attention over [text ; image] and an MLP, each with adaLN-Zero (shift, scale, gate) from the noise level."
+    "Joint attention over [text ; image] and a feed-forward (MLP or Mix-FFN), each with adaLN-Zero from the noise level."
 
     def __init__(self, dim: int, num_heads: int, text_dim: int, mlp_ratio: float = 4.0, qk_norm: bool = True,
                  kv_dim: int | None = None, ffn: str = "mlp"):

@@ -568,10 +568,12 @@ class Trainer:
         "Whether the wall-clock budget is spent; under torchrun rank 0's clock decides, so all ranks stop together."
         if minutes is None:
             return False
-        spent = torch.tensor(float(time.perf_counter() - start >= minutes * 60), device=self.device)
+        spent = time.perf_counter() - start >= minutes * 60
         if self.world > 1:
-            torch.distributed.broadcast(spent, 0)
-        return bool(spent.item())
+            flag = torch.tensor(float(spent), device=self.device)
+            torch.distributed.broadcast(flag, 0)
+            spent = bool(flag.item())
+        return spent
 
     def fit(self, until: int | None = None, minutes: float | None = None) -> list[dict]:
         """Train up to `steps` (or stop early at step `until`, or when `minutes` of wall-clock time are spent),
