@@ -481,12 +481,16 @@ class Trainer:
         return model, ema, get_optimizer_state_dict(self.conditioned, self.optimizer, options=opts)
 
     def save(self) -> Path | None:
-        "Write a checkpoint of the current step (every rank must call it under FSDP; rank 0 writes)."
+        """Write a checkpoint of the current step (every rank must call it; rank 0 writes, and no rank returns before
+        the checkpoint is complete, so a rank that resumes right after finds it)."""
         model, ema, optim = self._full_states()
-        if self.rank != 0:
-            return None
-        return save_checkpoint(self.checkpoint_dir, self.step, model, optim, self.scheduler, ema,
-                               extra={"skipper": self.skipper.state_dict()}, keep=self.keep)
+        path = None
+        if self.rank == 0:
+            path = save_checkpoint(self.checkpoint_dir, self.step, model, optim, self.scheduler, ema,
+                                   extra={"skipper": self.skipper.state_dict()}, keep=self.keep)
+        if self.world > 1:
+            torch.distributed.barrier()
+        return path
 
     def resume(self) -> bool:
         "Load the newest checkpoint in checkpoint_dir, if any (every rank reads it)."

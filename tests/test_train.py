@@ -285,7 +285,7 @@ def run_worker(out, parallel="ddp", ranks=1, checkpoint_dir=None):
     worker = Path(__file__).with_name("_ddp_train.py")
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     launcher = [sys.executable] if ranks == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", "29517"]
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]  # a free port
     args = [str(worker), str(out), parallel] + ([str(checkpoint_dir)] if checkpoint_dir else [])
     subprocess.run(launcher + args, check=True, env=env, timeout=300)
     return load_file(out)
