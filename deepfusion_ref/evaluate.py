@@ -388,8 +388,8 @@ def score_prompts(images, scenes, pairs: str = "all", **score_kwargs) -> dict:
     prompts), each `aggregate`d; `scored` holds the matched per-image results. Images: a tensor [N, 3, H, W] in [-1, 1]
     or a list of anything `score_scene` reads."""
     images, scenes = list(images), list(scenes)
-    if len(images) != len(scenes) or not images:
-        raise ValueError(f"images and scenes must be non-empty and of equal length, got {len(images)} and {len(scenes)}")
+    if len(images) != len(scenes) or len(images) < 2:  # one image has no other prompt to score against
+        raise ValueError(f"images and scenes must be of equal length >= 2, got {len(images)} and {len(scenes)}")
     scored = [score_scene(im, sc, pairs=pairs, **score_kwargs) for im, sc in zip(images, scenes)]
     floor = [score_scene(im, scenes[(i + 1) % len(scenes)], pairs=pairs, **score_kwargs) for i, im in enumerate(images)]
     return {"matched": aggregate(scored), "floor": aggregate(floor), "scored": scored}

@@ -299,3 +299,5 @@ def test_score_prompts_scores_matched_pairs_and_the_other_prompt_floor():
                                                          for im, s in zip(images, scenes)]
     with pytest.raises(ValueError, match="equal length"):
         score_prompts(images[:3], scenes)
+    with pytest.raises(ValueError, match=">= 2"):  # a single image would be its own floor
+        score_prompts(images[:1], scenes[:1])
