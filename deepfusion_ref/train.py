@@ -441,8 +441,11 @@ class Trainer:
         else:
             self.model = self.conditioned
         self.optimizer = torch.optim.AdamW(param_groups(self.conditioned, weight_decay), lr=lr, betas=betas)
+        # fit(minutes=...) may move the schedule ahead of the step count (see fit): the LR follows the further clock.
+        self._timed_step = 0
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: trapezoidal_lr(min(s, steps - 1), steps, warmup_steps, decay_steps))
+            self.optimizer,
+            lambda s: trapezoidal_lr(min(max(s, self._timed_step), steps - 1), steps, warmup_steps, decay_steps))
         self.skipper = SpikeSkipper(spike_factor)
         self.checkpoint_dir, self.checkpoint_every, self.keep = checkpoint_dir, checkpoint_every, keep
         self.metrics_file = None if metrics_file is None else Path(metrics_file)
@@ -568,26 +571,33 @@ class Trainer:
         x = (torch.randn(shape, generator=g) * sigmas[0].cpu()).to(self.device)
         return codec_decode(self.codec, sample_heun(guided, x, sigmas, progress=self.progress)).clamp(-1, 1)
 
-    def _out_of_time(self, start: float, minutes: float | None) -> bool:
-        "Whether the wall-clock budget is spent; under torchrun rank 0's clock decides, so all ranks stop together."
+    def _budget_spent(self, start: float, minutes: float | None) -> float:
+        "Fraction of the wall-clock budget spent (0 without one); under torchrun rank 0's clock decides for all."
         if minutes is None:
-            return False
-        spent = time.perf_counter() - start >= minutes * 60
+            return 0.0
+        spent = (time.perf_counter() - start) / (minutes * 60)
         if self.world > 1:
-            flag = torch.tensor(float(spent), device=self.device)
-            torch.distributed.broadcast(flag, 0)
-            spent = bool(flag.item())
+            value = torch.tensor(spent, dtype=torch.float64, device=self.device)
+            torch.distributed.broadcast(value, 0)
+            spent = value.item()
         return spent
 
-    def fit(self, until: int | None = None, minutes: float | None = None) -> list[dict]:
+    def fit(self, until: int | None = None, minutes: float | None = None, timed_schedule: bool = True) -> list[dict]:
         """Train up to `steps` (or stop early at step `until`, or when `minutes` of wall-clock time are spent),
-        continuing from a resumed step; per-step metrics."""
+        continuing from a resumed step; per-step metrics. With a budget and `timed_schedule`, the LR schedule runs
+        on whichever clock is further on, steps or the budget's fraction spent: on a machine too slow to take all
+        the steps in time, the decay still happens, squeezed into the budget, instead of being cut off."""
         if minutes is not None and not minutes > 0:
             raise ValueError(f"minutes must be > 0 (a wall-clock budget) or None, got {minutes}")
         stop = self.steps if until is None else min(until, self.steps)
-        history, start = [], time.perf_counter()
+        history, start, first = [], time.perf_counter(), self.step
         bar = tqdm(total=self.steps, initial=self.step, disable=not self.progress, desc="train")
-        while self.step < stop and not self._out_of_time(start, minutes):
+        while self.step < stop:
+            spent = self._budget_spent(start, minutes)
+            if spent >= 1:
+                break
+            if minutes is not None and timed_schedule:
+                self._timed_step = first + int(spent * (stop - first))
             metrics = self.train_step()
             history.append(metrics)
             bar.update(1)

@@ -4,7 +4,7 @@ down-sampling, checkpointing, and the save/load round trip."""
 import pytest
 import torch
 
-from deepfusion_ref.attention import JointAttention, apply_rope, grid_ids, rope_cos_sin, text_ids
+from deepfusion_ref.attention import JointAttention, apply_rope, attend, grid_ids, rope_cos_sin, text_ids
 from deepfusion_ref.dit import DeepFusionDiT
 from deepfusion_ref.schedules import EDMPrecond, GuidedDenoiser
 from deepfusion_ref.text import LayerStack
@@ -81,6 +81,25 @@ def test_joint_attention_masks_padding_exactly():
 
 
 # --- the DiT ------------------------------------------------------------------------------------------------------
+
+
+def test_bfloat16_cpu_attention_takes_the_explicit_path_and_matches_sdpa():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 16, requires_grad=True) for n in (9, 13, 13))
+    mask = torch.ones(2, 1, 1, 13, dtype=torch.bool)
+    mask[1, ..., :4] = False  # a padded prompt: its first 4 keys are text padding
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # how the trainer runs it with bf16=True
+        out, weights = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+    assert weights is not None and weights.dtype == torch.bfloat16  # the explicit path, in the inputs' dtype
+    assert (weights[1, ..., :4] == 0).all() and torch.allclose(weights.float().sum(-1), torch.ones(()), atol=1e-2)
+    assert out.dtype == torch.bfloat16 and torch.allclose(out.float(), ref, atol=2e-2)
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    for g, r in zip(grads, ref_grads):
+        assert (g - r).norm() / r.norm() < 2e-2
+    fused, none = attend(q, k, v, mask)  # float32: the fused kernel
+    assert none is None and torch.allclose(fused, ref)
 
 
 def test_adaln_zero_blocks_are_identity_at_init():

@@ -161,6 +161,23 @@ def test_fit_stops_when_the_time_budget_is_spent(minilm, monkeypatch):
         trainer.fit(minutes=0)
 
 
+@pytest.mark.parametrize("timed", [True, False])
+def test_fit_budget_moves_the_lr_schedule_ahead(minilm, monkeypatch, timed):
+    from types import SimpleNamespace
+
+    import deepfusion_ref.train as train
+
+    trainer = make_trainer(minilm, steps=50)  # lr 1e-3, warm-up 2, decay over steps 45..49
+    clock = iter(range(0, 10_000, 7))
+    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    history = trainer.fit(minutes=0.5, timed_schedule=timed)
+    # 4 steps, taken at 7, 14, 21 and 28 s of 30: the last at 93% of the budget, i.e. schedule step int(0.93 * 50) = 46,
+    # inside the decay (by hand: 1 - (46 - 45 + 1) / 5 = 0.6); by steps alone it is step 4, on the plateau.
+    assert trainer.step == 4
+    assert history[-1]["lr"] == pytest.approx(1e-3 * (0.6 if timed else 1.0))
+    assert train.trapezoidal_lr(46, 50, 2, 5) == pytest.approx(0.6)
+
+
 def test_trainer_resume_is_bit_identical(minilm, tmp_path):
     straight = make_trainer(minilm)
     straight.fit()
