@@ -44,4 +44,7 @@ if trainer.rank == 0:
     save_file({**{k: v.contiguous() for k, v in model.items()},
                **{f"ema.{k}": v.contiguous() for k, v in ema.items()}}, out)
 if distributed:
+    # Both ranks leave together: a rank tearing gloo down while rank 0 still writes once crashed at exit
+    # ("terminate called without an active exception", CI under load).
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
