@@ -51,7 +51,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return ops.rope(x, cos, sin)
 
 # %% ../nbs/06_attention.ipynb 8
-EXPLICIT_MAX_KEYS = 160  # measured crossover (bench/attention.py, 2-core AVX512-BF16 CPU): fused wins beyond ~200 keys
+EXPLICIT_MAX_KEYS = 320  # bench/attention.py, 2-core AVX512-BF16 CPU: explicit faster up to 332 keys, fused from 396
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None,

@@ -4,7 +4,8 @@ down-sampling, checkpointing, and the save/load round trip."""
 import pytest
 import torch
 
-from deepfusion_ref.attention import JointAttention, apply_rope, attend, grid_ids, rope_cos_sin, text_ids
+from deepfusion_ref.attention import (EXPLICIT_MAX_KEYS, JointAttention, apply_rope, attend, grid_ids, rope_cos_sin,
+                                      text_ids)
 from deepfusion_ref.dit import DeepFusionDiT
 from deepfusion_ref.schedules import EDMPrecond, GuidedDenoiser
 from deepfusion_ref.text import LayerStack
@@ -100,6 +101,8 @@ def test_bfloat16_cpu_attention_takes_the_explicit_path_and_matches_sdpa():
         assert (g - r).norm() / r.norm() < 2e-2
     fused, none = attend(q, k, v, mask)  # float32: the fused kernel
     assert none is None and torch.allclose(fused, ref)
+    long_keys = torch.randn(1, 1, EXPLICIT_MAX_KEYS + 1, 16, dtype=torch.bfloat16)
+    assert attend(q[:1, :1].bfloat16().detach(), long_keys, long_keys)[1] is None  # long sequences: fused again
 
 
 def test_adaln_zero_blocks_are_identity_at_init():
