@@ -398,13 +398,16 @@ class Trainer:
                  checkpoint_dir=None, checkpoint_every: int = 0, keep: int = 3, metrics_file=None, seed: int = 0,
                  device="cpu", progress: bool = True, grad_accum: int = 1, bf16: bool | None = None, stages=None,
                  parallel: str = "ddp", sample_every: int = 0, sample_prompts=None, sample_dir=None,
-                 sample_steps: int = 18, guidance_scale: float = 3.0, codec=None):
+                 sample_steps: int = 18, guidance_scale: float = 3.0, codec=None, P_mean: float = -1.2,
+                 P_std: float = 1.2):
         from deepfusion_ref.schedules import edm_loss
 
         if grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
         if parallel not in PARALLEL:
             raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
+        if not P_std > 0:
+            raise ValueError(f"P_std must be > 0 (the spread of ln(sigma) in training), got {P_std}")
         if sample_every and not (sample_prompts and sample_dir):
             raise ValueError("sample_every needs sample_prompts (a list of prompts) and sample_dir")
         self.denoiser, self.lm, self.dataset = denoiser.to(device), language_model, dataset
@@ -412,6 +415,9 @@ class Trainer:
         self.codec = None if codec is None else codec.to(device).eval().requires_grad_(False)
         self.steps, self.batch_size, self.cond_drop_prob, self.seed, self.device = steps, batch_size, cond_drop_prob, seed, device
         self.grad_clip, self.progress, self.edm_loss, self.grad_accum = grad_clip, progress, edm_loss, grad_accum
+        # Training noise levels ln(sigma) ~ N(P_mean, P_std^2): EDM's -1.2, 1.2 unless a data set needs more weight on
+        # the high noise levels where layout and shape are decided (the quickstart's scenes do, see its notebook).
+        self.P_mean, self.P_std = P_mean, P_std
         self.bf16 = torch.device(device).type == "cuda" if bf16 is None else bf16  # autocast on GPU by default
         self.stages = sorted(stages or [], key=lambda s: s[0])  # [(first_step, patterns), ...]
         self.sample_every, self.sample_prompts, self.sample_steps = sample_every, list(sample_prompts or []), sample_steps
@@ -532,7 +538,7 @@ class Trainer:
                 with torch.no_grad():
                     x0 = codec_encode(self.codec, x0)
             g = torch.Generator().manual_seed(self.seed * 7919 + self.step * self.grad_accum + micro)
-            sigma = (-1.2 + 1.2 * torch.randn(x0.shape[0], generator=g)).exp()  # EDM's log-normal, drawn globally
+            sigma = (self.P_mean + self.P_std * torch.randn(x0.shape[0], generator=g)).exp()  # log-normal, drawn globally
             noise = torch.randn(x0.shape, generator=g).to(x0.device)
             shard = slice(self.rank * len(prompts) // self.world, (self.rank + 1) * len(prompts) // self.world)
             cond = self.encode(prompts[shard])

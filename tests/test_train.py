@@ -133,7 +133,7 @@ def minilm():
     return LanguageModel.from_pretrained(packaged_minilm_path(), max_length=96)
 
 
-def make_trainer(lm, tmp_path=None, steps=20, seed=0):
+def make_trainer(lm, tmp_path=None, steps=20, seed=0, **options):
     from deepfusion_ref.data import SceneDataset
     from deepfusion_ref.dit import DeepFusionDiT
     from deepfusion_ref.schedules import EDMPrecond
@@ -144,7 +144,23 @@ def make_trainer(lm, tmp_path=None, steps=20, seed=0):
                         num_llm_layers=lm.num_layers, rope_axes=(4, 6, 6), long_skips=False)
     return Trainer(EDMPrecond(dit), lm, SceneDataset(8, 16, 16, seed=1), steps=steps, batch_size=4, lr=1e-3,
                    warmup_steps=2, decay_steps=5, checkpoint_dir=tmp_path, checkpoint_every=10 if tmp_path else 0,
-                   seed=seed, progress=False)
+                   seed=seed, progress=False, **options)
+
+
+@pytest.mark.parametrize("P_mean, P_std", [(-1.2, 1.2), (0.5, 0.25)])
+def test_training_noise_levels_follow_P_mean_and_P_std(minilm, P_mean, P_std):
+    trainer = make_trainer(minilm, steps=8, P_mean=P_mean, P_std=P_std)
+    seen = []
+    loss = trainer.edm_loss
+    trainer.edm_loss = lambda model, x0, cond, sigma, noise: seen.append(sigma) or loss(model, x0, cond, sigma=sigma,
+                                                                                              noise=noise)
+    trainer.fit(until=3)
+    assert len(seen) == 3
+    for step, sigma in enumerate(seen):  # by hand: ln(sigma) = P_mean + P_std z, z the step's first normal draws
+        z = torch.randn(4, generator=torch.Generator().manual_seed(step))
+        torch.testing.assert_close(sigma, torch.exp(P_mean + P_std * z))
+    with pytest.raises(ValueError, match="P_std"):
+        make_trainer(minilm, P_std=0.0)
 
 
 def test_fit_stops_when_the_time_budget_is_spent(minilm, monkeypatch):
