@@ -301,3 +301,35 @@ def test_score_prompts_scores_matched_pairs_and_the_other_prompt_floor():
         score_prompts(images[:3], scenes)
     with pytest.raises(ValueError, match=">= 2"):  # a single image would be its own floor
         score_prompts(images[:1], scenes[:1])
+
+
+def test_swap_word_changes_only_the_first_objects_word():
+    from deepfusion_ref.evaluate import swap_word
+
+    scene = Scene([SceneObject("star", "grey", (128, 128, 128), "small", 0.3, 0.4)], "light grey", (215, 215, 215),
+                  32, 32)
+    caption = captions(scene)[4]
+    assert caption == "a small grey star; light grey background"
+    assert swap_word(caption, scene, "colour").endswith("; light grey background")  # the background keeps its word
+    assert "grey star" not in swap_word(caption, scene, "colour")
+    assert swap_word(caption, scene, "shape") == "a small grey diamond; light grey background"
+    assert swap_word(caption, scene, "size") == "a large grey star; light grey background"
+    with pytest.raises(ValueError, match="attribute"):
+        swap_word(caption, scene, "texture")
+    with pytest.raises(ValueError, match="caption"):
+        swap_word("one shape", scene, "shape")
+
+
+def test_caption_sensitivity_is_the_weighted_loss_gap():
+    from deepfusion_ref.evaluate import caption_sensitivity
+
+    x0 = torch.linspace(-1, 1, 2 * 3 * 4 * 4).reshape(2, 3, 4, 4)
+    right, wrong = x0 + 0.1, x0 - 0.2
+    # a denoiser that returns its condition: loss ||c - x0||^2 at every noise level, weighted by EDM's lambda(sigma)
+    gap = caption_sensitivity(lambda x, s, c: c, right, wrong, x0, sigmas=(0.25, 2.0))
+    lam = torch.tensor([(s**2 + 0.25) / (s * 0.5) ** 2 for s in (0.25, 2.0)])
+    torch.testing.assert_close(gap, lam * (0.04 - 0.01))
+    # a denoiser that ignores its condition (here: a fixed blend of the noisy input) shows no gap at all
+    assert caption_sensitivity(lambda x, s, c: 0.5 * x, right, wrong, x0).abs().max() == 0
+    with pytest.raises(ValueError, match="sigmas"):
+        caption_sensitivity(lambda x, s, c: c, right, wrong, x0, sigmas=(0.0,))
