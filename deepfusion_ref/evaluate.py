@@ -570,7 +570,7 @@ def caption_sensitivity(denoiser, cond, other, x0: torch.Tensor, sigmas=(0.2, 0.
     """Per noise level in `sigmas`: EDM-weighted denoising loss of the clean images `x0` [B, C, H, W] under condition
     `other` minus under `cond`, the same noise for both. `denoiser(x, sigma [B], cond)`; the result is [len(sigmas)],
     0 where the denoiser ignores what differs between the two conditions."""
-    from deepfusion_ref.schedules import edm_loss_weight
+    from deepfusion_ref.schedules import edm_loss
 
     if x0.dim() != 4:
         raise ValueError(f"x0: expected clean images [B, C, H, W], got shape {tuple(x0.shape)}")
@@ -579,8 +579,8 @@ def caption_sensitivity(denoiser, cond, other, x0: torch.Tensor, sigmas=(0.2, 0.
     for s in sigmas:
         if not s > 0:
             raise ValueError(f"sigmas: every noise level must be > 0, got {s}")
-        x = x0 + s * torch.randn(x0.shape, generator=g).to(x0)
+        noise = torch.randn(x0.shape, generator=g).to(x0)
         sigma = torch.full((x0.shape[0],), float(s), device=x0.device)
-        loss = [((denoiser(x, sigma, c) - x0) ** 2).float().mean() for c in (other, cond)]
-        gaps.append(float(edm_loss_weight(torch.tensor(float(s)), sigma_data)) * float(loss[0] - loss[1]))
+        loss = [edm_loss(denoiser, x0, c, sigma_data, sigma=sigma, noise=noise) for c in (other, cond)]
+        gaps.append(float(loss[0] - loss[1]))
     return torch.tensor(gaps)

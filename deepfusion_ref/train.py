@@ -559,14 +559,18 @@ class Trainer:
         return {"step": self.step, "loss": total, "grad_norm": norm, "skipped": skipped,
                 "lr": self.scheduler.get_last_lr()[0]}
 
+    @property
+    def ema_denoiser(self) -> nn.Module:
+        "The EMA weights' denoiser D(x, sigma, cond), without the learned null (what sampling and diagnostics use)."
+        return self.ema.module.denoiser if self.null is not None else self.ema.module
+
     @torch.no_grad()
     def sample(self, prompts: list[str], steps: int | None = None, guidance_scale: float | None = None,
                seed: int = 0) -> torch.Tensor:
         "Images [N, 3, H, W] in [-1, 1] for `prompts` from the EMA weights (Heun, guidance vs the null condition)."
         from deepfusion_ref.schedules import GuidedDenoiser, karras_sigmas, sample_heun
 
-        ema = self.ema.module
-        denoiser = ema.denoiser if self.null is not None else ema
+        ema, denoiser = self.ema.module, self.ema_denoiser
         cond = self.lm.encode(prompts).to(self.device)
         uncond = ema.null.stack(len(prompts)) if self.null is not None else self.lm.encode([""] * len(prompts)).to(self.device)
         guided = GuidedDenoiser(denoiser, cond, uncond, self.guidance_scale if guidance_scale is None else guidance_scale)
