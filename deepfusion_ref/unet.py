@@ -20,7 +20,7 @@ from torch import nn
 
 from . import ops
 from .dit import timestep_embedding
-from .text import LayerStack
+from .text import LayerStack, masked_mean
 
 # %% ../nbs/08_unet.ipynb 5
 def num_groups_for(channels: int, max_groups: int = 32) -> int:
@@ -241,8 +241,7 @@ class _UNetBase(ModelMixin, ConfigMixin):
             raise ValueError(f"cond: expected batch {b} and width {self.config.text_dim}, got hidden "
                              f"{tuple(cond.hidden.shape)}")
         last = last.to(device=x.device, dtype=x.dtype)
-        weights = mask.to(last.dtype)[..., None]
-        pooled = (last * weights).sum(1) / weights.sum(1).clamp(min=1)  # masked mean
+        pooled = masked_mean(last, mask)
         has_text = mask.any(1, keepdim=True).to(emb.dtype)  # an empty prompt is the same as no text at all
         return emb + self.pooled_proj(pooled) * has_text, self.text_proj(last), mask
 

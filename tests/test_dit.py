@@ -117,9 +117,9 @@ def test_adaln_zero_blocks_are_identity_at_init():
     assert torch.equal(out, torch.zeros_like(out))
 
 
-@pytest.mark.parametrize("downsample", [False, True])
-def test_padding_invariance(downsample):
-    model = make_model(downsample=downsample)
+@pytest.mark.parametrize("downsample, pooled_text", [(False, False), (True, False), (False, True)])
+def test_padding_invariance(downsample, pooled_text):
+    model = make_model(downsample=downsample, pooled_text=pooled_text)
     x = torch.randn(2, 4, 16, 16)
     padded = make_stack(batch=2, length=7, lengths=[3, 7])
     alone = LayerStack(padded.hidden[:, :1, :3], padded.mask[:1, :3])
@@ -234,6 +234,32 @@ def test_save_and_load_round_trip(tmp_path):
     x, stack = torch.randn(2, 4, 16, 32), make_stack()
     assert loaded.layer_indices == model.layer_indices
     assert torch.equal(loaded(x, torch.ones(2), stack), model(x, torch.ones(2), stack))
+
+
+def test_pooled_text_shifts_the_adaln_embedding_by_the_masked_mean_of_the_last_layer(tmp_path):
+    pooled = make_model(pooled_text=True)
+    plain = DeepFusionDiT(**{**pooled.config, "pooled_text": False}).eval()
+    missing, unexpected = plain.load_state_dict(pooled.state_dict(), strict=False)
+    assert not missing and unexpected == ["pooled_proj.0.weight", "pooled_proj.0.bias", "pooled_proj.1.weight",
+                                          "pooled_proj.1.bias"]
+    x, c_noise, stack = torch.randn(2, 4, 8, 8), torch.tensor([0.3, -0.2]), make_stack(length=6, lengths=[2, 6])
+    last = stack.hidden[-1]
+    by_hand_mean = torch.stack([last[0, :2].mean(0), last[1].mean(0)])  # the real tokens only
+    with torch.no_grad():
+        shift = pooled.pooled_proj(by_hand_mean)
+        handle = plain.time_embed.register_forward_hook(lambda module, inputs, out: out + shift)
+        expected = plain(x, c_noise, stack)
+        handle.remove()
+        out = pooled(x, c_noise, stack)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        assert (out - plain(x, c_noise, stack)).abs().max() > 1e-3  # the path is not a no-op
+        empty = LayerStack(stack.hidden, torch.zeros_like(stack.mask))  # no token: the same as no text
+        torch.testing.assert_close(pooled(x, c_noise, empty), plain(x, c_noise, empty), atol=1e-6, rtol=1e-6)
+    pooled.save_pretrained(tmp_path / "pooled")
+    loaded = DeepFusionDiT.from_pretrained(tmp_path / "pooled").eval()
+    assert loaded.config.pooled_text and torch.equal(loaded(x, c_noise, stack), out)
+    old_config = {k: v for k, v in plain.config.items() if k != "pooled_text"}  # saved before the option existed
+    assert DeepFusionDiT.from_config(old_config).pooled_proj is None
 
 
 def test_guided_edm_denoiser_with_layer_stacks():
