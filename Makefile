@@ -19,7 +19,7 @@ demo: $(STAMP)
 		-p out_dir demo_output -p image_size 24 -p patch_size 3 -p width 128 -p depth 4 -p num_heads 4 -p ffn mix \
 		-p bf16 True -p batch_size 32 -p lr 0.002 -p warmup_steps 100 -p decay_steps 2400 -p ema_decay 0.99 \
 		-p train_scenes 4000 -p steps 8000 -p minutes 10 -p n_eval 64 -p sample_steps 18 -p guidance_scale 3.0 \
-		-p p_mean -0.6
+		-p p_mean -0.6 -p pooled_text True
 	@echo "demo: wrote demo_output/samples.png, loss.png, metrics.json and the executed notebook"
 
 test: $(STAMP)
