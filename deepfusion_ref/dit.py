@@ -17,8 +17,7 @@ from torch import nn
 
 from . import ops
 from .attention import JointAttention, grid_ids, rope_cos_sin, text_ids
-from .connector import Connector, layer_map
-from .text import masked_mean
+from .connector import Connector, PooledPrompt, layer_map
 
 # %% ../nbs/07_dit.ipynb 5
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -148,8 +147,7 @@ class DeepFusionDiT(ModelMixin, ConfigMixin):
         self.patch_embed = nn.Linear(in_channels * p * p, hidden_size)
         self.time_embed = nn.Sequential(nn.Linear(256, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
         # SD3 / FLUX: the pooled prompt joins the noise-level embedding, so every adaLN of every token sees the prompt
-        self.pooled_proj = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, hidden_size)) if pooled_text \
-            else None
+        self.pooled_proj = PooledPrompt(text_dim, hidden_size) if pooled_text else None
         self.blocks = nn.ModuleList(
             DiTBlock(hidden_size, num_heads, text_dim, mlp_ratio, qk_norm, kv_dim if fusion == "kv" else None, ffn)
             for _ in range(depth))
@@ -203,9 +201,8 @@ class DeepFusionDiT(ModelMixin, ConfigMixin):
         gh, gw = h // p, w // p
         tokens = self.patch_embed(F.unfold(x, p, stride=p).transpose(1, 2))  # [B, gh*gw, D]
         emb = self.time_embed(timestep_embedding(c_noise.to(x.device).expand(b), 256).to(x.dtype))
-        if self.pooled_proj is not None:  # an empty prompt (no token) is the same as no text, as in the U-Net
-            has_text = mask.any(1, keepdim=True).to(emb.dtype)
-            emb = emb + self.pooled_proj(masked_mean(hidden[-1].to(x.dtype), mask)) * has_text
+        if self.pooled_proj is not None:
+            emb = emb + self.pooled_proj(hidden[-1].to(x.dtype), mask)
         n_text = hidden.shape[2]
         rope_full = self._rope(n_text, gh, gw, x.device)
         rope_mid = self._rope(n_text, gh // 2, gw // 2, x.device) if len(self.mid) else None

@@ -19,8 +19,9 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from . import ops
+from .connector import PooledPrompt
 from .dit import timestep_embedding
-from .text import LayerStack, masked_mean
+from .text import LayerStack
 
 # %% ../nbs/08_unet.ipynb 5
 def num_groups_for(channels: int, max_groups: int = 32) -> int:
@@ -185,7 +186,7 @@ class _UNetBase(ModelMixin, ConfigMixin):
         self.time_embed = mlp()
         self.aug_embedding = mlp() if aug_embed else None  # the SR stages' noise-augmentation level
         self.text_proj = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, cond_dim))
-        self.pooled_proj = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, emb_dim))
+        self.pooled_proj = PooledPrompt(text_dim, emb_dim)
         self.stem = conv3x3(in_channels, channels[0], padding_mode=padding_mode)
         self.out_norm = GroupNormSiLU(channels[0])
         self.out_conv = zero_init(conv3x3(channels[0], out_channels, padding_mode=padding_mode))
@@ -241,9 +242,7 @@ class _UNetBase(ModelMixin, ConfigMixin):
             raise ValueError(f"cond: expected batch {b} and width {self.config.text_dim}, got hidden "
                              f"{tuple(cond.hidden.shape)}")
         last = last.to(device=x.device, dtype=x.dtype)
-        pooled = masked_mean(last, mask)
-        has_text = mask.any(1, keepdim=True).to(emb.dtype)  # an empty prompt is the same as no text at all
-        return emb + self.pooled_proj(pooled) * has_text, self.text_proj(last), mask
+        return emb + self.pooled_proj(last, mask), self.text_proj(last), mask  # empty prompt: no pooled text
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         return self.out_conv(self.out_norm(h))

@@ -246,7 +246,7 @@ def test_pooled_text_shifts_the_adaln_embedding_by_the_masked_mean_of_the_last_l
     last = stack.hidden[-1]
     by_hand_mean = torch.stack([last[0, :2].mean(0), last[1].mean(0)])  # the real tokens only
     with torch.no_grad():
-        shift = pooled.pooled_proj(by_hand_mean)
+        shift = pooled.pooled_proj[1](pooled.pooled_proj[0](by_hand_mean))  # its LayerNorm and Linear
         handle = plain.time_embed.register_forward_hook(lambda module, inputs, out: out + shift)
         expected = plain(x, c_noise, stack)
         handle.remove()
