@@ -1,4 +1,5 @@
 # The README's two commands: `make demo` (the main job) and `make test` (everything CI runs).
+# `make demo DEMO_ARGS="-p seed 1"` passes more papermill parameters (another seed, -p threads 1, ...).
 # Both build .venv/ first (tools/install.sh); it is rebuilt when settings.ini, setup.py or csrc/ change.
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,12 +16,12 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	mkdir -p demo_output
-	$(BIN)/papermill --progress-bar nbs/pipelines/quickstart.ipynb demo_output/quickstart.ipynb \
+	$(BIN)/papermill nbs/pipelines/quickstart.ipynb demo_output/quickstart.ipynb \
 		-p out_dir demo_output -p image_size 24 -p patch_size 3 -p width 128 -p depth 4 -p num_heads 4 -p ffn mix \
-		-p bf16 True -p batch_size 32 -p lr 0.002 -p warmup_steps 100 -p decay_steps 2400 -p ema_decay 0.99 \
-		-p train_scenes 4000 -p steps 8000 -p minutes 10 -p n_eval 64 -p sample_steps 18 -p guidance_scale 3.0 \
-		-p p_mean -0.6 -p pooled_text True
-	@echo "demo: wrote demo_output/samples.png, loss.png, metrics.json and the executed notebook"
+		-p batch_size 32 -p lr 0.002 -p warmup_steps 100 -p steps 7000 -p decay_steps 2100 -p ema_decay 0.99 \
+		-p train_scenes 4000 -p n_eval 64 -p sample_steps 18 -p guidance_scale 3.0 -p p_mean -0.6 -p pooled_text True \
+		-p progress True $(DEMO_ARGS)
+	@echo "demo: wrote demo_output/samples.png, loss.png, metrics.json, pipeline/ and the executed notebook"
 
 test: $(STAMP)
 	VENV=$(VENV) bash tools/test.sh

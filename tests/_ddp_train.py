@@ -10,7 +10,6 @@ from transformers.utils import logging as hf_logging
 
 from deepfusion_ref.data import SceneDataset
 from deepfusion_ref.dit import DeepFusionDiT
-from deepfusion_ref.schedules import EDMPrecond
 from deepfusion_ref.text import LanguageModel, packaged_minilm_path
 from deepfusion_ref.train import Trainer
 
@@ -28,7 +27,7 @@ def make_trainer():
     torch.manual_seed(0)
     dit = DeepFusionDiT(in_channels=3, patch_size=2, hidden_size=32, depth=2, num_heads=2, text_dim=lm.hidden_size,
                         num_llm_layers=lm.num_layers, rope_axes=(4, 6, 6), long_skips=False)
-    return Trainer(EDMPrecond(dit), lm, SceneDataset(8, 16, 16, seed=1), steps=4, batch_size=4, lr=1e-3,
+    return Trainer(dit, lm, SceneDataset(8, 16, 16, seed=1), steps=4, batch_size=4, lr=1e-3,
                    progress=False, parallel=parallel, cond_drop_prob=0.3, checkpoint_dir=checkpoint_dir,
                    checkpoint_every=2 if checkpoint_dir else 0)
 

@@ -74,7 +74,7 @@ def test_srgb_to_lab_reference_values():
 def test_image_forms_agree_and_bad_input_is_named():
     scene = sample_scene(np.random.default_rng(1), 48, 32)
     img = render(scene)
-    tensor = torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1
+    tensor = torch.from_numpy(img).permute(2, 0, 1).float() / 255
     ref = score_scene(img, scene)
     assert ref["all_correct"]
     assert score_scene(tensor, scene.to_dict())["questions"] == ref["questions"]
@@ -149,9 +149,9 @@ def test_small_noise_and_blur_flip_nothing(size):
     results = []
     for scene in _scenes(*size, 40, seed=31):
         x = ndimage.gaussian_filter(render(scene).astype(float), (0.5, 0.5, 0))
-        t = torch.from_numpy(x).permute(2, 0, 1).float() / 127.5 - 1
-        t = t + 0.03 * torch.from_numpy(rng.standard_normal(t.shape)).float()
-        results.append(score_scene(t, scene))
+        t = torch.from_numpy(x).permute(2, 0, 1).float() / 255
+        t = t + 0.015 * torch.from_numpy(rng.standard_normal(t.shape)).float()  # 0.03 in [-1, 1] units
+        results.append(score_scene(t.clamp(0, 1), scene))
     assert aggregate(results)["overall"] >= 0.99
 
 
@@ -160,8 +160,8 @@ def _objectless(kind, scene, rng):
     w, h = scene.width, scene.height
     if kind == "uniform":
         return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    if kind.startswith("grey"):  # Gaussian noise around mid-grey, as a model tensor in [-1, 1] (clipped by the scorer)
-        return torch.from_numpy(float(kind[4:]) * rng.standard_normal((3, h, w))).float()
+    if kind.startswith("grey"):  # Gaussian noise around mid-grey (sigma in [-1, 1] units), clipped to [0, 1]
+        return (0.5 + float(kind[4:]) / 2 * torch.from_numpy(rng.standard_normal((3, h, w))).float()).clamp(0, 1)
     if kind == "blank":
         return render(Scene([], scene.background, scene.background_rgb, w, h))
     if kind == "other background":
@@ -247,8 +247,9 @@ def test_plausible_imperfect_samples_still_score_well(size):
         results = []
         for scene in _scenes(*size, 30, seed=51):
             x = ndimage.gaussian_filter(render(scene).astype(float), (blur, blur, 0))
-            t = torch.from_numpy(x).permute(2, 0, 1).float() / 127.5 - 1
-            results.append(score_scene(t + noise * torch.from_numpy(rng.standard_normal(t.shape)).float(), scene))
+            t = torch.from_numpy(x).permute(2, 0, 1).float() / 255  # noise in [-1, 1] units, halved in [0, 1]
+            noisy = t + noise / 2 * torch.from_numpy(rng.standard_normal(t.shape)).float()
+            results.append(score_scene(noisy.clamp(0, 1), scene))
         agg = aggregate(results)
         assert agg["overall"] >= floor and agg["accuracy"]["presence"] >= 0.95, (blur, noise, agg["accuracy"])
 
@@ -258,18 +259,20 @@ def test_saturation_fraction_by_hand():
     a[0, 0] = (0, 255, 7)  # two of 18 channel values at a limit
     assert saturation_fraction(a) == pytest.approx(2 / 18)
     assert saturation_fraction([a, Image.fromarray(a)]) == pytest.approx(4 / 36)
-    t = torch.tensor([[[-1.0, -0.99], [1.0, 3.0]]]).expand(3, 2, 2)  # |x| >= 1: -1, 1 and 3, 3 of 4 per channel
+    t = torch.tensor([[[0.0, 0.01], [1.0, 3.0]]]).expand(3, 2, 2)  # x <= 0 or x >= 1: 0, 1 and 3, 3 of 4 per channel
     assert saturation_fraction(t) == pytest.approx(0.75)
-    assert saturation_fraction([t[0:1], torch.zeros(1, 2, 2)]) == pytest.approx(3 / 8)
+    assert saturation_fraction([t[0:1], torch.full((1, 2, 2), 0.5)]) == pytest.approx(3 / 8)
     with pytest.raises(ValueError, match="images"):
         saturation_fraction(torch.zeros(3, 2, 2, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"images: float tensors must be in \[0, 1\]"):
+        saturation_fraction(t * 2 - 1)  # the models' [-1, 1]: ambiguous, refused
 
 
 def test_side_by_side_report_files(tmp_path):
     scenes = _scenes(32, 32, 3, seed=41)
     rng = np.random.default_rng(2)
     good = [render(s) for s in scenes]
-    recoloured = [torch.from_numpy(render(corrupt_scene(s, "colour", rng)[0])).permute(2, 0, 1).float() / 127.5 - 1
+    recoloured = [torch.from_numpy(render(corrupt_scene(s, "colour", rng)[0])).permute(2, 0, 1).float() / 255
                   for s in scenes]
     prompts = [captions(s)[4] for s in scenes]
     out = side_by_side_report(good, recoloured, prompts, tmp_path / "cmp" / "grid.png", ("base", "fused"), scenes=scenes)
@@ -290,7 +293,7 @@ def test_score_prompts_scores_matched_pairs_and_the_other_prompt_floor():
 
     rng = np.random.default_rng(21)
     scenes = [sample_scene(rng, 32, 32, max_objects=2, exact_rgb_prob=0.0) for _ in range(5)]
-    images = torch.stack([torch.from_numpy(render(s)).permute(2, 0, 1).float() / 127.5 - 1 for s in scenes])
+    images = torch.stack([torch.from_numpy(render(s)).permute(2, 0, 1).float() / 255 for s in scenes])
     report = score_prompts(images, scenes, pairs="consecutive")
     assert report["matched"]["overall"] == 1.0 and report["matched"]["n_images"] == 5
     floor = aggregate([score_scene(images[i], scenes[(i + 1) % 5], pairs="consecutive") for i in range(5)])

@@ -49,8 +49,8 @@ def test_fixed_generator_is_deterministic_and_seeds_differ(pipe):
 
 def test_save_load_round_trip_gives_identical_images(pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "pipe")
-    assert sorted(p.name for p in (tmp_path / "pipe").iterdir()) == ["language_model", "network", "null",
-                                                                     "pipeline.json"]
+    assert sorted(p.name for p in (tmp_path / "pipe").iterdir()) == ["language_model", "manifest.json", "network",
+                                                                     "null", "pipeline.json"]
     assert not list(tmp_path.glob(".tmp_*"))  # the temporary folder was renamed into place
     loaded = Text2ImagePipeline.from_pretrained(tmp_path / "pipe")
     assert torch.equal(call(pipe, guidance_scale=4.0), call(loaded, guidance_scale=4.0))
@@ -159,7 +159,7 @@ def test_other_parameterizations_round_trip(minilm, tmp_path, parameterization):
 
 
 def test_bad_arguments_name_themselves(pipe, tmp_path):
-    with pytest.raises(ValueError, match="parameterization must be one of"):
+    with pytest.raises(ValueError, match="objective must be one of"):
         Text2ImagePipeline(pipe.language_model, pipe.network, "ddpm")
     with pytest.raises(ValueError, match="sampler must be one of"):
         call(pipe, sampler="dpm")
@@ -212,17 +212,16 @@ def test_autoencoder_trains_on_scenes():
 def test_trainer_on_codec_latents_and_its_pipeline(minilm):
     "The trainer denoises the frozen codec's latents; its pipeline decodes them to pixels of the data's size."
     from deepfusion_ref.data import SceneDataset
-    from deepfusion_ref.schedules import EDMPrecond
     from deepfusion_ref.train import Trainer, codec_encode
 
     vae = tiny_vae()
     before = {k: v.clone() for k, v in vae.state_dict().items()}
     data = SceneDataset(8, 16, 16, seed=0)
-    trainer = Trainer(EDMPrecond(tiny_dit(minilm, in_channels=16)), minilm, data, steps=3, batch_size=4, lr=1e-3,
+    trainer = Trainer(tiny_dit(minilm, in_channels=16), minilm, data, steps=3, batch_size=4, lr=1e-3,
                       progress=False, codec=vae)
     seen = []
-    loss = trainer.edm_loss
-    trainer.edm_loss = lambda model, x0, *a, **k: seen.append(x0.shape) or loss(model, x0, *a, **k)
+    loss = trainer.objective.loss
+    trainer.objective.loss = lambda model, x0, *a, **k: seen.append(x0.shape) or loss(model, x0, *a, **k)
     trainer.fit()
     assert seen == [(4, 16, 8, 8)] * 3  # latents, not pixels
     assert all(torch.equal(v, before[k]) for k, v in vae.state_dict().items())  # the codec stays frozen
