@@ -6,8 +6,8 @@
 __all__ = ['OBJECTIVES', 'check_sigmas', 'karras_sigmas', 'as_sigma_batch', 'edm_coefficients', 'edm_loss_weight',
            'sample_edm_sigmas', 'EDMPrecond', 'edm_loss', 'sample_logit_normal_t', 'shift_t', 'flow_loss',
            'FlowDenoiser', 'cosine_alpha_sigma', 'cosine_t_of_sigma', 'vp_loss', 'VPDenoiser', 'sample_euler',
-           'sample_heun', 'GuidedDenoiser', 'Objective', 'EDM', 'flux_mu', 'VelocityNet', 'FlowX0', 'RectifiedFlow',
-           'EpsNet', 'VPX0', 'VP', 'make_objective', 'sample_objective', 'GaussianMixtureDenoiser']
+           'sample_heun', 'GuidedDenoiser', 'Objective', 'EDM', 'flux_mu', 'Prediction', 'FlowX0', 'RectifiedFlow',
+           'VPX0', 'VP', 'make_objective', 'sample_objective', 'GaussianMixtureDenoiser']
 
 # %% ../nbs/03_schedules.ipynb 3
 import math
@@ -355,8 +355,8 @@ def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096
     return image_seq_len * slope + base_shift - slope * base_seq_len
 
 
-class VelocityNet(nn.Module):
-    "The trained module of rectified flow: the network's output is the velocity v(x_t, t) = n - x0."
+class Prediction(nn.Module):
+    "The trained module of rectified flow and VP: the network's raw output (a velocity n - x0, or the noise n)."
 
     def __init__(self, net: nn.Module):
         super().__init__()
@@ -367,7 +367,7 @@ class VelocityNet(nn.Module):
 
 
 class FlowX0(nn.Module):
-    "x0_hat(x_t, t) = x_t - t v(x_t, t) of a VelocityNet."
+    "x0_hat(x_t, t) = x_t - t v(x_t, t) of a velocity Prediction."
 
     def __init__(self, velocity: nn.Module):
         super().__init__()
@@ -378,6 +378,7 @@ class FlowX0(nn.Module):
         return x - _per_sample(t, x) * self.velocity(x, t, cond).to(x.dtype)
 
 
+# %% ../nbs/03_schedules.ipynb 23
 class RectifiedFlow(Objective):
     """Rectified flow (flow matching) as SD3 and FLUX train it: x_t = (1 - t) x0 + t n, the network predicts n - x0,
     t logit-normal and shifted (fixed `shift`, or FLUX's resolution-dependent shift with `dynamic_shift=True`);
@@ -422,7 +423,7 @@ class RectifiedFlow(Objective):
                        self.shift_for(image_seq_len))
 
     def wrap(self, network: nn.Module) -> nn.Module:
-        return VelocityNet(network)
+        return Prediction(network)
 
     def loss(self, model: Callable, x0: torch.Tensor, cond, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         t = t.to(device=x0.device, dtype=x0.dtype)
@@ -447,20 +448,9 @@ class RectifiedFlow(Objective):
     def step(self, denoise: Callable, x, t: float, t_next: float, heun: bool = False):
         return _step(denoise, x, t, t_next, heun)
 
-# %% ../nbs/03_schedules.ipynb 23
-class EpsNet(nn.Module):
-    "The trained module of VP: the network's output is the noise eps(x_t, t)."
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
-        return self.net(x, as_sigma_batch(t, x, "t"), cond)
-
-
+# %% ../nbs/03_schedules.ipynb 24
 class VPX0(nn.Module):
-    "x0_hat(x_t, t) = (x_t - sigma_t eps) / alpha_t of an EpsNet on the cosine schedule."
+    "x0_hat(x_t, t) = (x_t - sigma_t eps) / alpha_t of a noise Prediction on the cosine schedule."
 
     def __init__(self, eps: nn.Module, s: float = 0.008):
         super().__init__()
@@ -492,7 +482,7 @@ class VP(Objective):
         return torch.rand(batch, generator=generator) * self.t_max
 
     def wrap(self, network: nn.Module) -> nn.Module:
-        return EpsNet(network)
+        return Prediction(network)
 
     def loss(self, model: Callable, x0: torch.Tensor, cond, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         t = t.to(device=x0.device, dtype=x0.dtype)
@@ -519,7 +509,7 @@ class VP(Objective):
 
         return _step(denoise_edm, x / a, s / a, s_next / a_next, heun) * a_next
 
-# %% ../nbs/03_schedules.ipynb 24
+# %% ../nbs/03_schedules.ipynb 25
 OBJECTIVES = {"edm": EDM, "flow": RectifiedFlow, "vp": VP}
 
 
@@ -559,7 +549,7 @@ def sample_objective(objective: Objective, denoise: Callable, noise: torch.Tenso
             x = x if replaced is None else replaced
     return x
 
-# %% ../nbs/03_schedules.ipynb 30
+# %% ../nbs/03_schedules.ipynb 31
 class GaussianMixtureDenoiser:
     "Exact denoiser of a mixture of isotropic Gaussians; cond: component index per sample, -1 = unconditional."
 

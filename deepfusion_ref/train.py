@@ -29,6 +29,14 @@ from torch import nn
 from .files import DamagedError, FolderLock, is_complete, recover_folders, replace_folder, temporary_folder, verify_manifest, write_manifest
 from .cond import LayerStack, LearnedNull, NullConditioned, codec_decode, codec_encode  # noqa: F401
 
+
+def _attach(cls, name: str, prop: bool = False):
+    "Attach the decorated function to `cls` as method (or property) `name`: how a class is split over notebook cells."
+    def attach(fn):
+        setattr(cls, name, property(fn) if prop else fn)
+        return fn
+    return attach
+
 # %% ../nbs/11_train.ipynb 5
 NO_DECAY_MODULES = (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -145,6 +153,7 @@ def _load_into(target, state: dict) -> None:
     target.update(state) if isinstance(target, dict) else target.load_state_dict(state)
 
 
+# %% ../nbs/11_train.ipynb 13
 def checkpoint_folders(directory) -> list[Path]:
     "The step_* folders under `directory` that were completely written (a manifest and its files), newest first."
     directory = Path(directory)
@@ -210,7 +219,7 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None, ema=None, resto
     return meta
 
 
-# %% ../nbs/11_train.ipynb 15
+# %% ../nbs/11_train.ipynb 17
 # What a resumed run may change in its config: train on for longer, where the files are (a run folder may be moved),
 # whether a progress bar shows. Anything else would continue another run's weights under a different recipe.
 RESUMABLE_KEYS = ("train.steps", "out_dir", "train.checkpoint_dir", "train.metrics_file", "train.sample_dir",
@@ -291,7 +300,7 @@ def _verifies(path: Path) -> bool:
     except DamagedError:
         return False
 
-# %% ../nbs/11_train.ipynb 18
+# %% ../nbs/11_train.ipynb 20
 import fnmatch
 
 
@@ -311,7 +320,7 @@ def block_patterns(prefix: str, indices) -> list[str]:
     "Patterns for whole blocks by index, e.g. block_patterns('net.blocks', [0, 5]) -> ['net.blocks.0.*', ...]."
     return [f"{prefix}.{i}.*" for i in indices]
 
-# %% ../nbs/11_train.ipynb 21
+# %% ../nbs/11_train.ipynb 23
 from PIL import Image
 
 
@@ -333,7 +342,7 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> I
     pixels = (canvas * 255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
     return Image.fromarray(pixels)
 
-# %% ../nbs/11_train.ipynb 24
+# %% ../nbs/11_train.ipynb 26
 def shard_fsdp(module: nn.Module) -> nn.Module:
     "FSDP2: shard each child of every ModuleList (the blocks), innermost first, then the root."
     from torch.distributed.fsdp import fully_shard
@@ -351,7 +360,7 @@ def _full_state_options():
 
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
-# %% ../nbs/11_train.ipynb 26
+# %% ../nbs/11_train.ipynb 28
 from tqdm.auto import tqdm
 
 
@@ -375,7 +384,7 @@ def train_autoencoder(codec, dataset, steps: int, batch_size: int = 16, lr: floa
         losses.append(l1.item())
     return losses
 
-# %% ../nbs/11_train.ipynb 30
+# %% ../nbs/11_train.ipynb 32
 from tqdm.auto import tqdm
 from torch.optim.swa_utils import AveragedModel
 
@@ -426,7 +435,7 @@ class Trainer:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
         if parallel not in PARALLEL:
             raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
-        if type(network).__module__ == "deepfusion_ref.schedules":  # EDMPrecond, VelocityNet, EpsNet: already wrapped
+        if type(network).__module__ == "deepfusion_ref.schedules":  # EDMPrecond or Prediction: already wrapped
             raise ValueError(f"network: pass the raw network; the objective wraps it (got {type(network).__name__})")
         objective = make_objective(objective)
         if P_mean is not None or P_std is not None:  # shorthands for EDM's training noise levels
@@ -518,191 +527,215 @@ class Trainer:
         ema["n_averaged"] = self.ema.n_averaged.detach().cpu()
         return model, ema, get_optimizer_state_dict(self.conditioned, self.optimizer, options=opts)
 
-    def save(self) -> Path | None:
-        """Write a checkpoint of the current step (every rank must call it; rank 0 writes, and no rank returns before
-        the checkpoint is complete, so a rank that resumes right after finds it)."""
-        model, ema, optim = self._full_states()
-        path = None
-        if self.rank == 0:
-            extra = {"skipper": self.skipper.state_dict(), "objective": self.objective.config(),
-                     "run_config": self.run_config, "run_config_hash": config_hash(self.run_config)}
-            path = save_checkpoint(self.checkpoint_dir, self.step, model, optim, self.scheduler, ema, extra=extra,
-                                   keep=self.keep)
-        if self.world > 1:
-            torch.distributed.barrier()
-        return path
+# %% ../nbs/11_train.ipynb 34
+@_attach(Trainer, "save")
+def _trainer_save(self) -> Path | None:
+    """Write a checkpoint of the current step (every rank must call it; rank 0 writes, and no rank returns before
+    the checkpoint is complete, so a rank that resumes right after finds it)."""
+    model, ema, optim = self._full_states()
+    path = None
+    if self.rank == 0:
+        extra = {"skipper": self.skipper.state_dict(), "objective": self.objective.config(),
+                 "run_config": self.run_config, "run_config_hash": config_hash(self.run_config)}
+        path = save_checkpoint(self.checkpoint_dir, self.step, model, optim, self.scheduler, ema, extra=extra,
+                               keep=self.keep)
+    if self.world > 1:
+        torch.distributed.barrier()
+    return path
 
-    def _pick_checkpoint(self, fallback: bool) -> Path | None:
-        "The newest checkpoint whose bytes verify; a damaged newest one is an error naming it unless `fallback`."
-        found = checkpoint_folders(self.checkpoint_dir)
-        for n, path in enumerate(found):
-            try:
-                verify_manifest(path, "checkpoint")
-                return path
-            except DamagedError as err:
-                if not fallback:
-                    older = next((p for p in found[n + 1:] if _verifies(p)), None)
-                    hint = (f"resume from the newest verified older one, {older.name}, with resume(fallback=True) "
-                            f"(deepfusion train --resume-fallback)" if older else "no older verified checkpoint exists")
-                    raise DamagedError(f"{err}; {hint}, or delete it") from None
-                warnings.warn(f"{err}: skipped, resuming from an older checkpoint")
-        return None
 
-    def resume(self, fallback: bool = False, branch_from=None) -> bool:
-        """Load the newest verified checkpoint in checkpoint_dir, if any (every rank reads it). Its objective and run
-        config must equal this run's (all but `train.steps`). `branch_from`: start from that checkpoint folder instead
-        (another run's; its config may differ), writing on into this run's checkpoint_dir."""
-        if branch_from is not None:
-            path = Path(branch_from)
-        else:
-            path = None if self.checkpoint_dir is None else self._pick_checkpoint(fallback)
-        if path is None:
-            return False
-        meta = self._load(path)
-        stored = meta["extra"].get("objective")
-        if stored is not None and stored != self.objective.config():
-            raise ValueError(f"objective: checkpoint {path} was trained with {stored}, this run has "
-                             f"{self.objective.config()}")
-        if branch_from is None and self.run_config is not None and meta["extra"].get("run_config") is not None:
-            changed = config_diff(meta["extra"]["run_config"], self.run_config, ignore=RESUMABLE_KEYS)
-            if changed:
-                raise ValueError(f"config: {self.checkpoint_dir} was trained with a different config (changed: "
-                                 f"{', '.join(changed)}); only {', '.join(RESUMABLE_KEYS)} may change on resume. Use a "
-                                 f"new out_dir, or branch from {path} into one (deepfusion train --branch-from)")
-        self.step = meta["step"]
-        self.skipper.load_state_dict(meta["extra"]["skipper"])
-        if self.metrics_file is not None and self.rank == 0:
-            truncate_metrics(self.metrics_file, self.step)
-        return True
-
-    def _load(self, path: Path) -> dict:
-        if not self.fsdp:
-            return load_checkpoint(path, self.conditioned, self.optimizer, self.scheduler, self.ema)
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
-        model, ema, optim = {}, {}, {}
-        meta = load_checkpoint(path, model, optim, self.scheduler, ema)
-        opts = _full_state_options()
-        set_model_state_dict(self.conditioned, model, options=opts)
-        set_model_state_dict(self.ema.module, {k[7:]: v for k, v in ema.items() if k.startswith("module.")},
-                             options=opts)
-        self.ema.n_averaged.copy_(ema["n_averaged"])
-        set_optimizer_state_dict(self.conditioned, self.optimizer, optim, options=opts)
-        return meta
-
-    def _apply_stage(self) -> None:
-        current = [patterns for first, patterns in self.stages if first <= self.step]
-        if current:
-            set_trainable(self.denoiser, current[-1])
-
-    def train_step(self) -> dict:
-        self._apply_stage()
-        self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for micro in range(self.grad_accum):  # micro-batches of one optimiser step
-            x0, prompts = self.batch(self.step * self.grad_accum + micro)
-            if self.codec is not None:
-                with torch.no_grad():
-                    x0 = codec_encode(self.codec, x0)
-            # Times and noise of the global batch (every rank draws the same and takes its shard).
-            g = torch.Generator().manual_seed(self.seed * 7919 + self.step * self.grad_accum + micro)
-            t = self.objective.training_times(x0.shape[0], g, self.image_seq_len(x0)).to(x0.device)
-            noise = torch.randn(x0.shape, generator=g).to(x0.device)
-            shard = slice(self.rank * len(prompts) // self.world, (self.rank + 1) * len(prompts) // self.world)
-            cond = self.encode(prompts[shard])
-            with torch.autocast(torch.device(self.device).type, torch.bfloat16, enabled=self.bf16):
-                loss = self.objective.loss(self.model, x0[shard], cond, t[shard], noise[shard])
-                loss = loss / self.grad_accum
-            loss.backward()
-            total += loss.item()
-        params = [p for p in self.conditioned.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip or float("inf"))
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        skipped = self.skipper.should_skip(norm)
-        if not skipped:
-            self.optimizer.step()
-            self.ema.update_parameters(self.conditioned)
-        self.scheduler.step()
-        self.step += 1
-        return {"step": self.step, "loss": total, "grad_norm": norm, "skipped": skipped,
-                "lr": self.scheduler.get_last_lr()[0]}
-
-    def image_seq_len(self, x0: torch.Tensor) -> int:
-        "Image tokens the network sees for a batch like x0 (what FLUX's resolution-dependent shift reads)."
-        patch = getattr(self.network, "config", {}).get("patch_size", 1)
-        return (x0.shape[-2] // patch) * (x0.shape[-1] // patch)
-
-    @property
-    def ema_module(self) -> nn.Module:
-        "The EMA weights' trained module (the objective's wrapper of the network), without the learned null."
-        return self.ema.module.denoiser if self.null is not None else self.ema.module
-
-    @property
-    def ema_denoiser(self) -> nn.Module:
-        "The EMA weights' x0 estimate D(x, t, cond) in the objective's own time (EDM: the preconditioned denoiser)."
-        return self.objective.denoiser(self.ema_module)
-
-    @torch.no_grad()
-    def sample(self, prompts: list[str], steps: int | None = None, guidance_scale: float | None = None,
-               seed: int = 0) -> torch.Tensor:
-        "Images [N, 3, H, W] in [0, 1] for `prompts` from the EMA weights, through the pipeline's one sampling path."
-        from deepfusion_ref.pipeline import Text2ImagePipeline  # the layer above; imported only when sampling
-
-        pipe = Text2ImagePipeline.from_trainer(self)
-        return pipe(prompts, num_inference_steps=steps or self.sample_steps,
-                    guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
-                    generator=torch.Generator().manual_seed(seed), output_type="pt", progress=self.progress).images
-
-    def _budget_spent(self, start: float, minutes: float | None) -> float:
-        "Fraction of the wall-clock budget spent (0 without one); under torchrun rank 0's clock decides for all."
-        if minutes is None:
-            return 0.0
-        spent = (time.perf_counter() - start) / (minutes * 60)
-        if self.world > 1:
-            value = torch.tensor(spent, dtype=torch.float64, device=self.device)
-            torch.distributed.broadcast(value, 0)
-            spent = value.item()
-        return spent
-
-    def fit(self, until: int | None = None, minutes: float | None = None, timed_schedule: bool = True) -> list[dict]:
-        """Train up to `steps` (or stop early at step `until`, or when `minutes` of wall-clock time are spent),
-        continuing from a resumed step; per-step metrics. With a budget and `timed_schedule`, the LR schedule runs
-        on whichever clock is further on, steps or the budget's fraction spent: on a machine too slow to take all
-        the steps in time, the decay still happens, squeezed into the budget, instead of being cut off."""
-        if minutes is not None and not minutes > 0:
-            raise ValueError(f"minutes must be > 0 (a wall-clock budget) or None, got {minutes}")
-        stop = self.steps if until is None else min(until, self.steps)
-        history, start, first = [], time.perf_counter(), self.step
-        lock = FolderLock(self.checkpoint_dir, "checkpoint_dir") if self.checkpoint_dir is not None and self.rank == 0 else None
+@_attach(Trainer, "_pick_checkpoint")
+def _trainer_pick_checkpoint(self, fallback: bool) -> Path | None:
+    "The newest checkpoint whose bytes verify; a damaged newest one is an error naming it unless `fallback`."
+    found = checkpoint_folders(self.checkpoint_dir)
+    for n, path in enumerate(found):
         try:
-            self._fit_loop(history, stop, start, first, minutes, timed_schedule)
-        finally:
-            if lock is not None:
-                lock.release()
-        if history and all(m["skipped"] for m in history):
-            raise FloatingPointError(f"every one of the {len(history)} steps of this run was skipped (non-finite or "
-                                     "spiking gradients): nothing was learned; lower lr or check the data")
-        return history
+            verify_manifest(path, "checkpoint")
+            return path
+        except DamagedError as err:
+            if not fallback:
+                older = next((p for p in found[n + 1:] if _verifies(p)), None)
+                hint = (f"resume from the newest verified older one, {older.name}, with resume(fallback=True) "
+                        f"(deepfusion train --resume-fallback)" if older else "no older verified checkpoint exists")
+                raise DamagedError(f"{err}; {hint}, or delete it") from None
+            warnings.warn(f"{err}: skipped, resuming from an older checkpoint")
+    return None
 
-    def _fit_loop(self, history: list, stop: int, start: float, first: int, minutes, timed_schedule: bool) -> None:
-        bar = tqdm(total=self.steps, initial=self.step, disable=not self.progress, desc="train")
-        while self.step < stop:
-            spent = self._budget_spent(start, minutes)
-            if spent >= 1:
-                break
-            if minutes is not None and timed_schedule:
-                self._timed_step = first + int(spent * (stop - first))
-            metrics = self.train_step()
-            history.append(metrics)
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", skipped=self.skipper.skipped)
-            if self.metrics_file is not None and self.rank == 0:
-                append_metrics(self.metrics_file, metrics)
-            if self.checkpoint_dir is not None and self.checkpoint_every and self.step % self.checkpoint_every == 0:
-                self.save()
-            if self.sample_every and self.step % self.sample_every == 0:
-                images = self.sample(self.sample_prompts)  # every rank runs the (possibly sharded) model
-                if self.rank == 0:
-                    self.sample_dir.mkdir(parents=True, exist_ok=True)
-                    image_grid(images).save(self.sample_dir / f"step_{self.step:08d}.png")
-        bar.close()
+
+@_attach(Trainer, "resume")
+def _trainer_resume(self, fallback: bool = False, branch_from=None) -> bool:
+    """Load the newest verified checkpoint in checkpoint_dir, if any (every rank reads it). Its objective and run
+    config must equal this run's (all but `train.steps`). `branch_from`: start from that checkpoint folder instead
+    (another run's; its config may differ), writing on into this run's checkpoint_dir."""
+    if branch_from is not None:
+        path = Path(branch_from)
+    else:
+        path = None if self.checkpoint_dir is None else self._pick_checkpoint(fallback)
+    if path is None:
+        return False
+    meta = self._load(path)
+    stored = meta["extra"].get("objective")
+    if stored is not None and stored != self.objective.config():
+        raise ValueError(f"objective: checkpoint {path} was trained with {stored}, this run has "
+                         f"{self.objective.config()}")
+    if branch_from is None and self.run_config is not None and meta["extra"].get("run_config") is not None:
+        changed = config_diff(meta["extra"]["run_config"], self.run_config, ignore=RESUMABLE_KEYS)
+        if changed:
+            raise ValueError(f"config: {self.checkpoint_dir} was trained with a different config (changed: "
+                             f"{', '.join(changed)}); only {', '.join(RESUMABLE_KEYS)} may change on resume. Use a "
+                             f"new out_dir, or branch from {path} into one (deepfusion train --branch-from)")
+    self.step = meta["step"]
+    self.skipper.load_state_dict(meta["extra"]["skipper"])
+    if self.metrics_file is not None and self.rank == 0:
+        truncate_metrics(self.metrics_file, self.step)
+    return True
+
+
+@_attach(Trainer, "_load")
+def _trainer_load(self, path: Path) -> dict:
+    if not self.fsdp:
+        return load_checkpoint(path, self.conditioned, self.optimizer, self.scheduler, self.ema)
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    model, ema, optim = {}, {}, {}
+    meta = load_checkpoint(path, model, optim, self.scheduler, ema)
+    opts = _full_state_options()
+    set_model_state_dict(self.conditioned, model, options=opts)
+    set_model_state_dict(self.ema.module, {k[7:]: v for k, v in ema.items() if k.startswith("module.")},
+                         options=opts)
+    self.ema.n_averaged.copy_(ema["n_averaged"])
+    set_optimizer_state_dict(self.conditioned, self.optimizer, optim, options=opts)
+    return meta
+
+# %% ../nbs/11_train.ipynb 36
+@_attach(Trainer, "_apply_stage")
+def _trainer_apply_stage(self) -> None:
+    current = [patterns for first, patterns in self.stages if first <= self.step]
+    if current:
+        set_trainable(self.denoiser, current[-1])
+
+
+@_attach(Trainer, "train_step")
+def _trainer_train_step(self) -> dict:
+    self._apply_stage()
+    self.optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for micro in range(self.grad_accum):  # micro-batches of one optimiser step
+        x0, prompts = self.batch(self.step * self.grad_accum + micro)
+        if self.codec is not None:
+            with torch.no_grad():
+                x0 = codec_encode(self.codec, x0)
+        # Times and noise of the global batch (every rank draws the same and takes its shard).
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.step * self.grad_accum + micro)
+        t = self.objective.training_times(x0.shape[0], g, self.image_seq_len(x0)).to(x0.device)
+        noise = torch.randn(x0.shape, generator=g).to(x0.device)
+        shard = slice(self.rank * len(prompts) // self.world, (self.rank + 1) * len(prompts) // self.world)
+        cond = self.encode(prompts[shard])
+        with torch.autocast(torch.device(self.device).type, torch.bfloat16, enabled=self.bf16):
+            loss = self.objective.loss(self.model, x0[shard], cond, t[shard], noise[shard])
+            loss = loss / self.grad_accum
+        loss.backward()
+        total += loss.item()
+    params = [p for p in self.conditioned.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip or float("inf"))
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    skipped = self.skipper.should_skip(norm)
+    if not skipped:
+        self.optimizer.step()
+        self.ema.update_parameters(self.conditioned)
+    self.scheduler.step()
+    self.step += 1
+    return {"step": self.step, "loss": total, "grad_norm": norm, "skipped": skipped,
+            "lr": self.scheduler.get_last_lr()[0]}
+
+
+@_attach(Trainer, "image_seq_len")
+def _trainer_image_seq_len(self, x0: torch.Tensor) -> int:
+    "Image tokens the network sees for a batch like x0 (what FLUX's resolution-dependent shift reads)."
+    patch = getattr(self.network, "config", {}).get("patch_size", 1)
+    return (x0.shape[-2] // patch) * (x0.shape[-1] // patch)
+
+# %% ../nbs/11_train.ipynb 38
+@_attach(Trainer, "ema_module", prop=True)
+def _trainer_ema_module(self) -> nn.Module:
+    "The EMA weights' trained module (the objective's wrapper of the network), without the learned null."
+    return self.ema.module.denoiser if self.null is not None else self.ema.module
+
+
+@_attach(Trainer, "ema_denoiser", prop=True)
+def _trainer_ema_denoiser(self) -> nn.Module:
+    "The EMA weights' x0 estimate D(x, t, cond) in the objective's own time (EDM: the preconditioned denoiser)."
+    return self.objective.denoiser(self.ema_module)
+
+
+@_attach(Trainer, "sample")
+@torch.no_grad()
+def _trainer_sample(self, prompts: list[str], steps: int | None = None, guidance_scale: float | None = None,
+                    seed: int = 0) -> torch.Tensor:
+    "Images [N, 3, H, W] in [0, 1] for `prompts` from the EMA weights, through the pipeline's one sampling path."
+    from deepfusion_ref.pipeline import Text2ImagePipeline  # the layer above; imported only when sampling
+
+    pipe = Text2ImagePipeline.from_trainer(self)
+    return pipe(prompts, num_inference_steps=steps or self.sample_steps,
+                guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
+                generator=torch.Generator().manual_seed(seed), output_type="pt", progress=self.progress).images
+
+# %% ../nbs/11_train.ipynb 40
+@_attach(Trainer, "_budget_spent")
+def _trainer_budget_spent(self, start: float, minutes: float | None) -> float:
+    "Fraction of the wall-clock budget spent (0 without one); under torchrun rank 0's clock decides for all."
+    if minutes is None:
+        return 0.0
+    spent = (time.perf_counter() - start) / (minutes * 60)
+    if self.world > 1:
+        value = torch.tensor(spent, dtype=torch.float64, device=self.device)
+        torch.distributed.broadcast(value, 0)
+        spent = value.item()
+    return spent
+
+
+@_attach(Trainer, "fit")
+def _trainer_fit(self, until: int | None = None, minutes: float | None = None, timed_schedule: bool = True) -> list[dict]:
+    """Train up to `steps` (or stop early at step `until`, or when `minutes` of wall-clock time are spent),
+    continuing from a resumed step; per-step metrics. With a budget and `timed_schedule`, the LR schedule runs
+    on whichever clock is further on, steps or the budget's fraction spent: on a machine too slow to take all
+    the steps in time, the decay still happens, squeezed into the budget, instead of being cut off."""
+    if minutes is not None and not minutes > 0:
+        raise ValueError(f"minutes must be > 0 (a wall-clock budget) or None, got {minutes}")
+    stop = self.steps if until is None else min(until, self.steps)
+    history, start, first = [], time.perf_counter(), self.step
+    lock = FolderLock(self.checkpoint_dir, "checkpoint_dir") if self.checkpoint_dir is not None and self.rank == 0 else None
+    try:
+        self._fit_loop(history, stop, start, first, minutes, timed_schedule)
+    finally:
+        if lock is not None:
+            lock.release()
+    if history and all(m["skipped"] for m in history):
+        raise FloatingPointError(f"every one of the {len(history)} steps of this run was skipped (non-finite or "
+                                 "spiking gradients): nothing was learned; lower lr or check the data")
+    return history
+
+
+@_attach(Trainer, "_fit_loop")
+def _trainer_fit_loop(self, history: list, stop: int, start: float, first: int, minutes, timed_schedule: bool) -> None:
+    bar = tqdm(total=self.steps, initial=self.step, disable=not self.progress, desc="train")
+    while self.step < stop:
+        spent = self._budget_spent(start, minutes)
+        if spent >= 1:
+            break
+        if minutes is not None and timed_schedule:
+            self._timed_step = first + int(spent * (stop - first))
+        metrics = self.train_step()
+        history.append(metrics)
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", skipped=self.skipper.skipped)
+        if self.metrics_file is not None and self.rank == 0:
+            append_metrics(self.metrics_file, metrics)
+        if self.checkpoint_dir is not None and self.checkpoint_every and self.step % self.checkpoint_every == 0:
+            self.save()
+        if self.sample_every and self.step % self.sample_every == 0:
+            images = self.sample(self.sample_prompts)  # every rank runs the (possibly sharded) model
+            if self.rank == 0:
+                self.sample_dir.mkdir(parents=True, exist_ok=True)
+                image_grid(images).save(self.sample_dir / f"step_{self.step:08d}.png")
+    bar.close()

@@ -201,3 +201,41 @@ def test_installed_entry_point_and_module():
     done = subprocess.run([sys.executable, "-m", "deepfusion_ref.cli", "train", "--config", "missing.yaml"],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "missing.yaml" in done.stderr
+
+
+@pytest.mark.parametrize("name", ["quickstart", "cascade_base", "image_folder"])
+def test_example_configs_load_and_train_a_few_steps(tmp_path, name):
+    "Each config in configs/ is valid as written and trains 2 steps (on a shrunken copy: sizes and steps only)."
+    from deepfusion_ref.experiment import Experiment
+
+    root = Path(__file__).parents[1]
+    config = load_config(root / "configs" / f"{name}.yaml")
+    config["out_dir"] = str(tmp_path / "run")
+    config["train"].update(steps=2, batch_size=2, warmup_steps=0, decay_steps=0, checkpoint_every=0, progress=False)
+    config["train"].pop("sample_every", None)
+    if config["data"]["kind"] == "scenes":
+        config["data"]["size"] = 8
+    else:  # a folder of generated images and captions.jsonl
+        from deepfusion_ref.data import SceneDataset
+
+        folder = tmp_path / "images"
+        folder.mkdir()
+        lines = []
+        for i in range(4):
+            item = SceneDataset(4, 64, 64, seed=0)[i]
+            Image.fromarray(((item["image"].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()).save(
+                folder / f"{i}.png")
+            lines.append(json.dumps({"file": f"{i}.png", "captions": item["captions"]}))
+        (folder / "captions.jsonl").write_text("\n".join(lines) + "\n")
+        config["data"]["path"] = str(folder)
+    experiment = Experiment.from_config(config, name)
+    pipe_dir = experiment.fit(log=lambda *a: None)
+    assert experiment.trainer.step == 2 and (pipe_dir / "pipeline.json").exists()
+    assert json.loads((pipe_dir / "pipeline.json").read_text())["objective"] == experiment.trainer.objective.config()
+
+
+def test_train_help_names_the_sections_and_the_example_configs(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "objective" in text and "configs/quickstart.yaml" in text and "language_model" in text
