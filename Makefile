@@ -1,10 +1,12 @@
 # The README's two commands: `make demo` (the main job) and `make test` (everything CI runs).
-# `make demo DEMO_ARGS="-p seed 1"` passes more papermill parameters (another seed, -p threads 1, ...).
+# `make demo SEED=1` trains another seed (its scores go to docs/results/quickstart_seed1.json); DEMO_ARGS passes more
+# papermill parameters (e.g. DEMO_ARGS="-p threads 1").
 # Both build .venv/ first (tools/install.sh); it is rebuilt when settings.ini, setup.py or csrc/ change.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.deepfusion_ref-installed
+SEED ?= 0
 
 .PHONY: install demo test bench export
 
@@ -20,7 +22,7 @@ demo: $(STAMP)
 		-p out_dir demo_output -p image_size 24 -p patch_size 3 -p width 128 -p depth 4 -p num_heads 4 -p ffn mix \
 		-p batch_size 32 -p lr 0.002 -p warmup_steps 100 -p steps 7000 -p decay_steps 2100 -p ema_decay 0.99 \
 		-p train_scenes 4000 -p n_eval 64 -p sample_steps 18 -p guidance_scale 3.0 -p p_mean -0.6 -p pooled_text True \
-		-p progress True $(DEMO_ARGS)
+		-p progress True -p results_json docs/results/quickstart_seed$(SEED).json -p seed $(SEED) $(DEMO_ARGS)
 	@echo "demo: wrote demo_output/samples.png, loss.png, metrics.json, pipeline/ and the executed notebook"
 
 test: $(STAMP)

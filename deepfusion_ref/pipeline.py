@@ -271,6 +271,8 @@ def _load_pipeline(cls, directory, device=None, dtype: torch.dtype = torch.float
     """A pipeline written by save_pretrained (local folders only; nothing is downloaded), verified against its
     manifest before anything is read: a changed or missing file is a DamagedError naming it."""
     directory = Path(directory)
+    if not directory.exists() and directory.parent.is_dir():  # a writer killed mid-swap left the old copy aside
+        recover_folders(directory.parent, f"{directory.name}_*")
     if not (directory / PIPELINE_FILE).exists():
         raise FileNotFoundError(f"directory: {str(directory)!r} has no {PIPELINE_FILE}; not a saved Text2ImagePipeline")
     if (directory / MANIFEST).exists():

@@ -31,8 +31,8 @@ def bimodal(n: int, generator) -> torch.Tensor:
     return sign + 0.1 * torch.randn(n, 1, generator=generator)
 
 
-@pytest.mark.parametrize("objective", [S.EDM(P_mean=-0.4, sigma_data=1.0), S.RectifiedFlow(), S.RectifiedFlow(shift=3.0),
-                                       S.VP()], ids=["edm", "flow", "flow-shift3", "vp"])
+@pytest.mark.parametrize("objective", [S.EDM(P_mean=-0.4, sigma_data=1.0), S.RectifiedFlow(),
+                                       S.RectifiedFlow(shift=3.0), S.VP()], ids=["edm", "flow", "flow-shift3", "vp"])
 def test_each_objective_trains_a_toy_whose_samples_match_the_data(objective):
     # VP's first DDIM steps multiply an error e of the noise prediction into x0 by sigma/alpha (~600 at t = 0.999): a
     # toy net off by 0.07 there sends every sample to one mode. As diffusers' DDIMScheduler (clip_sample=True), the

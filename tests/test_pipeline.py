@@ -100,7 +100,26 @@ def test_language_model_runs_once_per_prompt(pipe, monkeypatch):
     monkeypatch.setattr(lm, "_forward", lambda prompts, images=None: seen.append(list(prompts)) or forward(prompts, images))
     call(pipe, num_images_per_prompt=3)
     call(pipe, num_images_per_prompt=2)  # cached: no second run
-    assert seen == [PROMPTS2]
+    assert seen == [[p] for p in PROMPTS2]  # each prompt on its own (batch_invariant), once
+
+
+def test_a_prompts_encoding_does_not_depend_on_its_batch(pipe):
+    "A prompt met in a batch with a longer one (padding) gets the stack it has alone, so resumes are exact."
+    lm = pipe.language_model
+    lm.clear_cache()
+    together = lm.encode(["a red star", "two large blue squares left of a small green hexagon"])
+    lm.clear_cache()
+    alone = lm.encode(["a red star"])
+    n = int(alone.mask.sum())
+    assert torch.equal(together.hidden[:, 0, :n], alone.hidden[:, 0, :n])
+    lm.batch_invariant = False  # batched encoding: padding changes the float result slightly
+    try:
+        lm.clear_cache()
+        batched = lm.encode(["a red star", "two large blue squares left of a small green hexagon"])
+        torch.testing.assert_close(batched.hidden[:, 0, :n], alone.hidden[:, 0, :n], rtol=1e-4, atol=1e-4)
+    finally:
+        lm.batch_invariant = True
+        lm.clear_cache()
 
 
 def test_repeat_rows_matches_stacking_copies():

@@ -23,6 +23,16 @@ hf_logging.set_verbosity_error()
 def test_stack_equals_models_own_hidden_states(tiny_models, name, kind):
     lm = LanguageModel.from_pretrained(tiny_models[name], max_length=64)
     assert lm.kind == kind and model_kind(lm.model.config) == kind
+    alone = lm.encode(PROMPTS)  # batch_invariant (the default): each prompt runs on its own
+    for j, prompt in enumerate(PROMPTS):
+        single = lm.tokenizer([prompt], return_tensors="pt")
+        with torch.no_grad():
+            own = lm.model(**single, output_hidden_states=True).hidden_states
+        n = single["input_ids"].shape[1]
+        assert alone.mask[j].sum() == n and all(torch.equal(alone.hidden[i, j, :n], own[i + 1][0])
+                                                for i in range(lm.num_layers))
+    lm.batch_invariant = False  # one batched forward: equal to the model's own batched forward
+    lm.clear_cache()
     stack = lm.encode(PROMPTS)
     enc = lm.tokenizer(PROMPTS, padding=True, return_tensors="pt")
     with torch.no_grad():
