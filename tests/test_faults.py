@@ -212,6 +212,11 @@ def test_nan_images_and_nan_guidance_are_errors_not_black_pngs(saved_pipe, tmp_p
         main(["sample", "--pipeline", str(saved_pipe), "--prompt", "x", "--out", str(tmp_path / "x.png"),
               "--guidance", "nan"])
     assert exit_info.value.code == 2 and "--guidance must be a finite number" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", "--pipeline", str(saved_pipe), "--prompt", "x", "--out", str(tmp_path / "x.png"),
+              "--steps", "0"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--steps must be an int >= 1" in err and "num_inference_steps" not in err
     assert not (tmp_path / "x.png").exists()
 
 
