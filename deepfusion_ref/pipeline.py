@@ -4,7 +4,7 @@
 
 # %% auto 0
 __all__ = ['LM_SETTINGS', 'SAMPLERS', 'OUTPUT_TYPES', 'PIPELINE_FILE', 'PIPELINE_KEYS', 'save_language_model',
-           'load_language_model', 'network_class', 'size_multiple', 'image_seq_len', 'Text2ImagePipeline']
+           'load_language_model', 'network_class', 'size_multiple', 'Text2ImagePipeline']
 
 # %% ../nbs/12_pipeline.ipynb 3
 import json
@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from .files import MANIFEST, DamagedError, recover_folders, replace_folder, temporary_folder, verify_manifest, write_manifest
-from .schedules import EDM, GuidedDenoiser, make_objective, sample_objective
+from .schedules import EDM, GuidedDenoiser, image_seq_len, make_objective, sample_objective
 from .thresholding import THRESHOLDS
 from .cond import LayerStack, LearnedNull, codec_decode, codec_encode, repeat_rows
 from .text import LanguageModel
@@ -71,11 +71,6 @@ def size_multiple(network: nn.Module) -> int:
         return cfg["patch_size"] * (2 if cfg.get("downsample") else 1)
     return 1
 
-
-def image_seq_len(network: nn.Module, height: int, width: int) -> int:
-    "How many image tokens the network sees for a (latent) size: what FLUX's resolution-dependent shift reads."
-    patch = getattr(network, "config", {}).get("patch_size", 1)
-    return (height // patch) * (width // patch)
 
 # %% ../nbs/12_pipeline.ipynb 9
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput

@@ -6,8 +6,8 @@
 __all__ = ['OBJECTIVES', 'check_sigmas', 'karras_sigmas', 'as_sigma_batch', 'edm_coefficients', 'edm_loss_weight',
            'sample_edm_sigmas', 'EDMPrecond', 'edm_loss', 'sample_logit_normal_t', 'shift_t', 'flow_loss',
            'FlowDenoiser', 'cosine_alpha_sigma', 'cosine_t_of_sigma', 'vp_loss', 'VPDenoiser', 'sample_euler',
-           'sample_heun', 'GuidedDenoiser', 'Objective', 'EDM', 'flux_mu', 'Prediction', 'FlowX0', 'RectifiedFlow',
-           'VPX0', 'VP', 'make_objective', 'sample_objective', 'GaussianMixtureDenoiser']
+           'sample_heun', 'GuidedDenoiser', 'Objective', 'EDM', 'flux_mu', 'image_seq_len', 'Prediction', 'FlowX0',
+           'RectifiedFlow', 'VPX0', 'VP', 'make_objective', 'sample_objective', 'GaussianMixtureDenoiser']
 
 # %% ../nbs/03_schedules.ipynb 3
 import math
@@ -353,6 +353,12 @@ def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096
     "FLUX's resolution-dependent shift mu: linear in the number of image tokens (diffusers' calculate_shift)."
     slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     return image_seq_len * slope + base_shift - slope * base_seq_len
+
+
+def image_seq_len(network: nn.Module, height: int, width: int) -> int:
+    "How many image tokens a network sees for a (latent) size: what FLUX's resolution-dependent shift reads."
+    patch = getattr(network, "config", {}).get("patch_size", 1)
+    return (height // patch) * (width // patch)
 
 
 class Prediction(nn.Module):

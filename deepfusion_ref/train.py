@@ -449,7 +449,6 @@ class Trainer:
         # prediction); `denoiser` is that module, so checkpoints hold the network under `denoiser.net.`.
         self.objective, self.network = objective, network.to(device)
         self.denoiser, self.lm, self.dataset = objective.wrap(self.network), language_model, dataset
-        self._image_seq_len = None
         # A frozen latent codec (diffusers AutoencoderKL): the denoiser then learns its latents, not pixels.
         self.codec = None if codec is None else codec.to(device).eval().requires_grad_(False)
         self.steps, self.batch_size, self.cond_drop_prob, self.seed, self.device = steps, batch_size, cond_drop_prob, seed, device
@@ -652,8 +651,9 @@ def _trainer_train_step(self) -> dict:
 @_attach(Trainer, "image_seq_len")
 def _trainer_image_seq_len(self, x0: torch.Tensor) -> int:
     "Image tokens the network sees for a batch like x0 (what FLUX's resolution-dependent shift reads)."
-    patch = getattr(self.network, "config", {}).get("patch_size", 1)
-    return (x0.shape[-2] // patch) * (x0.shape[-1] // patch)
+    from deepfusion_ref.schedules import image_seq_len
+
+    return image_seq_len(self.network, *x0.shape[-2:])
 
 # %% ../nbs/11_train.ipynb 38
 @_attach(Trainer, "ema_module", prop=True)
