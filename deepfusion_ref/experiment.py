@@ -411,7 +411,7 @@ def pipeline_of(trainer, config: dict):
 # %% ../nbs/13a_experiment.ipynb 21
 class Experiment:
     """One run from one typed config: `Experiment.from_config(dict)` or `from_file(path)`, then `fit()`, `pipeline()`
-    and `evaluate(...)`. The command line and the papermill notebooks build their runs through it."""
+    and `evaluate(...)`. The command line builds its runs through it."""
 
     def __init__(self, config: dict, source: str = "config"):
         validate_config(config, source)
@@ -434,11 +434,6 @@ class Experiment:
         if self._trainer is None:
             self._trainer = build_trainer(self.config, self.source)
         return self._trainer
-
-    @property
-    def held_out_seed(self) -> int:
-        "The seed of held-out scenes: the training scenes' seed + HELD_OUT_SEED_OFFSET."
-        return self.config["data"].get("seed", 0) + HELD_OUT_SEED_OFFSET
 
     def pipeline(self):
         "The Text2ImagePipeline of the trainer's EMA weights (None on ranks > 0 under FSDP)."
