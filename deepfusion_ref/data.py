@@ -5,7 +5,8 @@
 # %% auto 0
 __all__ = ['SHAPES', 'PALETTE', 'BACKGROUNDS', 'SIZES', 'NUMBER_WORDS', 'RELATION_MARGIN', 'QWEN2VL_FLUX_RATIOS', 'SceneObject',
            'Scene', 'radius_px', 'sample_scene', 'shape_mask', 'render', 'relation', 'captions', 'SceneDataset',
-           'RenderedScenes', 'ImageTextFolder', 'aspect_buckets', 'nearest_bucket', 'BucketBatchSampler']
+           'RenderedScenes', 'cover_crop', 'ImageTextFolder', 'aspect_buckets', 'nearest_bucket', 'BucketBatchSampler',
+           'StepBatches']
 
 # %% ../nbs/10_data.ipynb 3
 import json
@@ -262,16 +263,33 @@ class RenderedScenes(torch.utils.data.Dataset):
         return {c for item in self.items for c in item["captions"]}
 
 # %% ../nbs/10_data.ipynb 21
+def cover_crop(img, width: int, height: int):
+    "A PIL image resized (bicubic) to cover width x height, then centre-cropped to it."
+    from PIL import Image
+
+    scale = max(width / img.width, height / img.height)
+    img = img.resize((max(width, round(img.width * scale)), max(height, round(img.height * scale))),
+                     Image.Resampling.BICUBIC)
+    left, top = (img.width - width) // 2, (img.height - height) // 2
+    return img.crop((left, top, left + width, top + height))
+
+
+# %% ../nbs/10_data.ipynb 23
 class ImageTextFolder(torch.utils.data.Dataset):
     "Images plus captions.jsonl (file + captions per line); bad rows reported with file and line."
 
     def __init__(self, root, size: tuple[int, int] | None = (64, 64), captions_file: str = "captions.jsonl",
-                 on_error: str = "raise"):
+                 on_error: str = "raise", buckets: list | None = None):
         from PIL import Image
 
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if buckets is not None and size is not None:
+            raise ValueError(f"buckets: give size=None with buckets (each image goes to its bucket's size), got size={size}")
+        if buckets is not None and (not buckets or not all(len(b) == 2 and min(b) >= 1 for b in buckets)):
+            raise ValueError(f"buckets must be a non-empty list of (width, height) sizes, got {buckets!r}")
         self.root, self.size = Path(root), size
+        self.buckets = None if buckets is None else [tuple(int(v) for v in b) for b in buckets]
         index = self.root / captions_file
         if not index.is_file():
             raise FileNotFoundError(f"root: no {captions_file} in {self.root}")
@@ -299,6 +317,9 @@ class ImageTextFolder(torch.utils.data.Dataset):
                           stacklevel=2)
         if not self.rows:
             raise ValueError(f"root: {index} lists no usable image")
+        # With buckets, each image keeps (about) its aspect: it is cropped to the bucket nearest its own ratio.
+        self.bucket_of = None if self.buckets is None else [
+            nearest_bucket(row["width"], row["height"], self.buckets) for row in self.rows]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -313,17 +334,13 @@ class ImageTextFolder(torch.utils.data.Dataset):
         row = self.rows[index]
         with Image.open(row["path"]) as img:
             img = img.convert("RGB")
-            if self.size is not None:
-                w, h = self.size
-                scale = max(w / img.width, h / img.height)
-                img = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))),
-                                 Image.Resampling.BICUBIC)
-                left, top = (img.width - w) // 2, (img.height - h) // 2
-                img = img.crop((left, top, left + w, top + h))
+            target = self.size if self.bucket_of is None else self.buckets[self.bucket_of[index]]
+            if target is not None:
+                img = cover_crop(img, *target)
             image = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1
         return {"image": image, "captions": row["captions"]}
 
-# %% ../nbs/10_data.ipynb 23
+# %% ../nbs/10_data.ipynb 25
 QWEN2VL_FLUX_RATIOS = (16 / 9, 2.0, 2.35, 1.0, 0.5)
 
 
@@ -382,3 +399,37 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self._batches())
+
+# %% ../nbs/10_data.ipynb 28
+class StepBatches(torch.utils.data.Dataset):
+    """The training batches of a data set, indexed by step: item s is (images [B, C, H, W], prompts) of micro-step s,
+    a function of (seed, s) only. One bucket per batch where the data set has `bucket_of`."""
+
+    def __init__(self, dataset, batch_size: int, seed: int = 0, cond_drop_prob: float = 0.1):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= cond_drop_prob <= 1:
+            raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
+        self.dataset, self.batch_size, self.seed, self.cond_drop_prob = dataset, batch_size, seed, cond_drop_prob
+        bucket_of = getattr(dataset, "bucket_of", None)
+        groups = {}
+        for index, bucket in enumerate(bucket_of or []):
+            groups.setdefault(bucket, []).append(index)
+        self.groups = [groups[b] for b in sorted(groups)] if len(groups) > 1 else None
+
+    def indices(self, step: int, g: torch.Generator) -> list[int]:
+        if self.groups is None:  # one size: uniform over the data set
+            return torch.randint(len(self.dataset), (self.batch_size,), generator=g).tolist()
+        weights = torch.tensor([len(group) for group in self.groups], dtype=torch.float64)
+        group = self.groups[torch.multinomial(weights, 1, generator=g).item()]
+        return [group[i] for i in torch.randint(len(group), (self.batch_size,), generator=g).tolist()]
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, list[str]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        items = [self.dataset[i] for i in self.indices(step, g)]
+        prompts = []
+        for item in items:
+            caps = item["captions"]
+            drop = torch.rand((), generator=g).item() < self.cond_drop_prob
+            prompts.append("" if drop else caps[torch.randint(len(caps), (), generator=g).item()])
+        return torch.stack([item["image"] for item in items]), prompts

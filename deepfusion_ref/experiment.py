@@ -122,7 +122,7 @@ RANGES = {
     "train.cond_drop_prob": PROBABILITY, "train.ema_decay": PROBABILITY, "train.spike_factor": Range(1, None, True),
     "train.grad_clip": POSITIVE, "train.checkpoint_every": NON_NEGATIVE, "train.keep": AT_LEAST_ONE,
     "train.grad_accum": AT_LEAST_ONE, "train.sample_every": NON_NEGATIVE,
-    "train.sample_steps": AT_LEAST_ONE, "train.P_std": POSITIVE,
+    "train.sample_steps": AT_LEAST_ONE, "train.P_std": POSITIVE, "train.num_workers": NON_NEGATIVE,
 }
 
 

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .files import DamagedError, FolderLock, is_complete, recover_folders, replace_folder, temporary_folder, verify_manifest, write_manifest
+from .data import StepBatches
 from .cond import LayerStack, LearnedNull, NullConditioned, codec_decode, codec_encode  # noqa: F401
 
 
@@ -416,6 +417,28 @@ def ema_update(decay: float, warmup: bool = True):
     return update
 
 
+
+# %% ../nbs/11_train.ipynb 34
+def _objective(objective, P_mean: float | None, P_std: float | None):
+    "The Trainer's objective: a name or an Objective, with EDM's P_mean/P_std shorthands applied."
+    from deepfusion_ref.schedules import EDM, make_objective
+
+    objective = make_objective(objective)
+    if P_mean is None and P_std is None:
+        return objective
+    if objective.name != "edm":
+        raise ValueError(f"P_mean/P_std set EDM's training noise levels; objective is {objective.name!r}")
+    params = {k: v for k, v in objective.config().items() if k != "name"}
+    return EDM(**{**params, **{k: v for k, v in (("P_mean", P_mean), ("P_std", P_std)) if v is not None}})
+
+
+def _learned_null(language_model, device) -> LearnedNull:
+    "A learned null condition sized from the language model's stack of an empty prompt."
+    probe = language_model.encode([""])
+    kv_dim = None if probe.keys is None else probe.keys.shape[-1]
+    return LearnedNull(probe.num_layers, probe.hidden.shape[-1], kv_dim).to(device)
+
+# %% ../nbs/11_train.ipynb 36
 class Trainer:
     """Train network(x, t, LayerStack) under an objective ('edm' | 'flow' | 'vp' | a schedules.Objective) on a
     captioned image data set, with a frozen language model."""
@@ -428,59 +451,37 @@ class Trainer:
                  device="cpu", progress: bool = True, grad_accum: int = 1, bf16: bool | None = None, stages=None,
                  parallel: str = "ddp", sample_every: int = 0, sample_prompts=None, sample_dir=None,
                  sample_steps: int = 18, guidance_scale: float = 3.0, codec=None, objective="edm",
-                 P_mean: float | None = None, P_std: float | None = None, run_config: dict | None = None):
-        from deepfusion_ref.schedules import EDM, make_objective
-
+                 P_mean: float | None = None, P_std: float | None = None, run_config: dict | None = None,
+                 num_workers: int = 0):
         if grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 (DataLoader worker processes), got {num_workers}")
         if parallel not in PARALLEL:
             raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
         if type(network).__module__ == "deepfusion_ref.schedules":  # EDMPrecond or Prediction: already wrapped
             raise ValueError(f"network: pass the raw network; the objective wraps it (got {type(network).__name__})")
-        objective = make_objective(objective)
-        if P_mean is not None or P_std is not None:  # shorthands for EDM's training noise levels
-            if objective.name != "edm":
-                raise ValueError(f"P_mean/P_std set EDM's training noise levels; objective is {objective.name!r}")
-            params = {k: v for k, v in objective.config().items() if k != "name"}
-            objective = EDM(**{**params, **{k: v for k, v in (("P_mean", P_mean), ("P_std", P_std)) if v is not None}})
         if sample_every and not (sample_prompts and sample_dir):
             raise ValueError("sample_every needs sample_prompts (a list of prompts) and sample_dir")
         # The objective wraps the network into what it trains (EDM's preconditioned denoiser, a velocity or a noise
         # prediction); `denoiser` is that module, so checkpoints hold the network under `denoiser.net.`.
-        self.objective, self.network = objective, network.to(device)
-        self.denoiser, self.lm, self.dataset = objective.wrap(self.network), language_model, dataset
+        self.objective, self.network = _objective(objective, P_mean, P_std), network.to(device)
+        self.denoiser, self.lm, self.dataset = self.objective.wrap(self.network), language_model, dataset
+        # Batches are a function of (seed, micro-step): `num_workers` DataLoader workers build them ahead.
+        self.batches, self.num_workers = StepBatches(dataset, batch_size, seed, cond_drop_prob), num_workers
         # A frozen latent codec (diffusers AutoencoderKL): the denoiser then learns its latents, not pixels.
         self.codec = None if codec is None else codec.to(device).eval().requires_grad_(False)
-        self.steps, self.batch_size, self.cond_drop_prob, self.seed, self.device = steps, batch_size, cond_drop_prob, seed, device
-        self.grad_clip, self.progress, self.grad_accum = grad_clip, progress, grad_accum
+        self.steps, self.batch_size, self.seed, self.device = steps, batch_size, seed, device
+        self.grad_clip, self.grad_accum = grad_clip, grad_accum
         self.bf16 = fast_bf16(device) if bf16 is None else bf16  # autocast where bf16 is native
         self.stages = sorted(stages or [], key=lambda s: s[0])  # [(first_step, patterns), ...]
         self.sample_every, self.sample_prompts, self.sample_steps = sample_every, list(sample_prompts or []), sample_steps
         self.sample_dir, self.guidance_scale = None if sample_dir is None else Path(sample_dir), guidance_scale
-        self.null = None
-        if learned_null:  # sized from the language model's stack of an empty prompt
-            probe = language_model.encode([""])
-            kv_dim = None if probe.keys is None else probe.keys.shape[-1]
-            self.null = LearnedNull(probe.num_layers, probe.hidden.shape[-1], kv_dim).to(device)
+        self.null = _learned_null(language_model, device) if learned_null else None
         # `conditioned` is what trains, is averaged and is checkpointed: the denoiser (+ its learned null).
         self.conditioned = self.denoiser if self.null is None else NullConditioned(self.denoiser, self.null)
         self.ema = AveragedModel(self.conditioned, multi_avg_fn=ema_update(ema_decay, ema_warmup))
-        # Distributed (torchrun): every rank draws the same global batch and noise and takes its shard; DDP
-        # averages the gradients (FSDP2 reduce-scatters them), so N ranks compute the update of one process.
-        dist = torch.distributed
-        self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        self.rank = dist.get_rank() if self.world > 1 else 0
-        if batch_size % self.world:
-            raise ValueError(f"batch_size={batch_size} must be divisible by the world size {self.world}")
-        self.fsdp = parallel == "fsdp" and self.world > 1
-        if self.fsdp:
-            shard_fsdp(self.conditioned)
-            shard_fsdp(self.ema.module)
-            self.model = self.conditioned
-        elif self.world > 1:
-            self.model = torch.nn.parallel.DistributedDataParallel(self.conditioned)
-        else:
-            self.model = self.conditioned
+        self._distribute(parallel)
         self.optimizer = torch.optim.AdamW(param_groups(self.conditioned, weight_decay), lr=lr, betas=betas)
         # fit(minutes=...) may move the schedule ahead of the step count (see fit): the LR follows the further clock.
         self._timed_step = 0
@@ -495,38 +496,66 @@ class Trainer:
         self.step = 0
         self.progress = progress and self.rank == 0
 
-    def batch(self, step: int) -> tuple[torch.Tensor, list[str]]:
-        "Images and drawn captions of `step` ('' where dropped): a function of (seed, step) only, for exact resume."
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        idx = torch.randint(len(self.dataset), (self.batch_size,), generator=g).tolist()
-        items = [self.dataset[i] for i in idx]
-        prompts = []
-        for item in items:
-            caps = item["captions"]
-            drop = torch.rand((), generator=g).item() < self.cond_drop_prob
-            prompts.append("" if drop else caps[torch.randint(len(caps), (), generator=g).item()])
-        return torch.stack([it["image"] for it in items]).to(self.device), prompts
+# %% ../nbs/11_train.ipynb 37
+@_attach(Trainer, "_distribute")
+def _trainer_distribute(self, parallel: str) -> None:
+    """Under torchrun every rank draws the same global batch and noise and takes its shard; DDP averages the
+    gradients (FSDP2 reduce-scatters them), so N ranks compute the update of one process."""
+    dist = torch.distributed
+    self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    self.rank = dist.get_rank() if self.world > 1 else 0
+    if self.batch_size % self.world:
+        raise ValueError(f"batch_size={self.batch_size} must be divisible by the world size {self.world}")
+    self.fsdp = parallel == "fsdp" and self.world > 1
+    if self.fsdp:
+        shard_fsdp(self.conditioned)
+        shard_fsdp(self.ema.module)
+        self.model = self.conditioned
+    elif self.world > 1:
+        self.model = torch.nn.parallel.DistributedDataParallel(self.conditioned)
+    else:
+        self.model = self.conditioned
 
-    def encode(self, prompts: list[str]) -> LayerStack:
-        "The condition of a batch: the LLM's stacks, dropped rows ('') marked for the learned null."
-        cond = self.lm.encode(prompts).to(self.device)
-        if self.null is not None:
-            cond.drop = torch.tensor([p == "" for p in prompts], device=self.device)
-        return cond
+# %% ../nbs/11_train.ipynb 38
+@_attach(Trainer, "batch")
+def _trainer_batch(self, step: int) -> tuple[torch.Tensor, list[str]]:
+    "Images and drawn captions of micro-step `step` ('' where dropped): a function of (seed, step) only."
+    images, prompts = self.batches[step]
+    return images.to(self.device), prompts
 
-    def _full_states(self) -> tuple[dict, dict, dict]:
-        "Model, EMA and optimizer state dicts with full tensors (gathered from the shards under FSDP)."
-        if not self.fsdp:
-            return self.conditioned.state_dict(), self.ema.state_dict(), self.optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+def _get_drop(self) -> float:
+    return self.batches.cond_drop_prob
 
-        opts = _full_state_options()
-        model = get_model_state_dict(self.conditioned, options=opts)
-        ema = {f"module.{k}": v for k, v in get_model_state_dict(self.ema.module, options=opts).items()}
-        ema["n_averaged"] = self.ema.n_averaged.detach().cpu()
-        return model, ema, get_optimizer_state_dict(self.conditioned, self.optimizer, options=opts)
 
-# %% ../nbs/11_train.ipynb 34
+def _set_drop(self, p: float) -> None:
+    self.batches.cond_drop_prob = p
+
+
+Trainer.cond_drop_prob = property(_get_drop, _set_drop, doc="Probability that a caption is dropped (the batches' own).")
+
+
+@_attach(Trainer, "encode")
+def _trainer_encode(self, prompts: list[str]) -> LayerStack:
+    "The condition of a batch: the LLM's stacks, dropped rows ('') marked for the learned null."
+    cond = self.lm.encode(prompts).to(self.device)
+    if self.null is not None:
+        cond.drop = torch.tensor([p == "" for p in prompts], device=self.device)
+    return cond
+
+@_attach(Trainer, "_full_states")
+def _trainer_full_states(self) -> tuple[dict, dict, dict]:
+    "Model, EMA and optimizer state dicts with full tensors (gathered from the shards under FSDP)."
+    if not self.fsdp:
+        return self.conditioned.state_dict(), self.ema.state_dict(), self.optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    opts = _full_state_options()
+    model = get_model_state_dict(self.conditioned, options=opts)
+    ema = {f"module.{k}": v for k, v in get_model_state_dict(self.ema.module, options=opts).items()}
+    ema["n_averaged"] = self.ema.n_averaged.detach().cpu()
+    return model, ema, get_optimizer_state_dict(self.conditioned, self.optimizer, options=opts)
+
+# %% ../nbs/11_train.ipynb 41
 @_attach(Trainer, "save")
 def _trainer_save(self) -> Path | None:
     """Write a checkpoint of the current step (every rank must call it; rank 0 writes, and no rank returns before
@@ -606,7 +635,7 @@ def _trainer_load(self, path: Path) -> dict:
     set_optimizer_state_dict(self.conditioned, self.optimizer, optim, options=opts)
     return meta
 
-# %% ../nbs/11_train.ipynb 36
+# %% ../nbs/11_train.ipynb 43
 @_attach(Trainer, "_apply_stage")
 def _trainer_apply_stage(self) -> None:
     current = [patterns for first, patterns in self.stages if first <= self.step]
@@ -615,12 +644,15 @@ def _trainer_apply_stage(self) -> None:
 
 
 @_attach(Trainer, "train_step")
-def _trainer_train_step(self) -> dict:
+def _trainer_train_step(self, micro_batches=None) -> dict:
+    "One optimiser step on `micro_batches` (grad_accum (images, prompts) pairs; drawn here when None)."
     self._apply_stage()
     self.optimizer.zero_grad(set_to_none=True)
     total = 0.0
-    for micro in range(self.grad_accum):  # micro-batches of one optimiser step
-        x0, prompts = self.batch(self.step * self.grad_accum + micro)
+    if micro_batches is None:
+        micro_batches = [self.batches[self.step * self.grad_accum + m] for m in range(self.grad_accum)]
+    for micro, (x0, prompts) in enumerate(micro_batches):  # micro-batches of one optimiser step
+        x0 = x0.to(self.device)
         if self.codec is not None:
             with torch.no_grad():
                 x0 = codec_encode(self.codec, x0)
@@ -655,7 +687,7 @@ def _trainer_image_seq_len(self, x0: torch.Tensor) -> int:
 
     return image_seq_len(self.network, *x0.shape[-2:])
 
-# %% ../nbs/11_train.ipynb 38
+# %% ../nbs/11_train.ipynb 45
 @_attach(Trainer, "ema_module", prop=True)
 def _trainer_ema_module(self) -> nn.Module:
     "The EMA weights' trained module (the objective's wrapper of the network), without the learned null."
@@ -680,7 +712,19 @@ def _trainer_sample(self, prompts: list[str], steps: int | None = None, guidance
                 guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
                 generator=torch.Generator().manual_seed(seed), output_type="pt", progress=self.progress).images
 
-# %% ../nbs/11_train.ipynb 40
+# %% ../nbs/11_train.ipynb 47
+@_attach(Trainer, "micro_batches")
+def _trainer_micro_batches(self, first_step: int, stop: int):
+    """The micro-batches of optimiser steps first_step..stop-1, in order: built in this process, or by `num_workers`
+    DataLoader workers ahead of training (each builds whole steps, so the batches are the same either way)."""
+    steps = range(first_step * self.grad_accum, stop * self.grad_accum)
+    if not self.num_workers:
+        return (self.batches[s] for s in steps)
+    loader = torch.utils.data.DataLoader(self.batches, batch_size=None, sampler=steps, num_workers=self.num_workers,
+                                         pin_memory=torch.device(self.device).type == "cuda")
+    return iter(loader)
+
+
 @_attach(Trainer, "_budget_spent")
 def _trainer_budget_spent(self, start: float, minutes: float | None) -> float:
     "Fraction of the wall-clock budget spent (0 without one); under torchrun rank 0's clock decides for all."
@@ -719,13 +763,14 @@ def _trainer_fit(self, until: int | None = None, minutes: float | None = None, t
 @_attach(Trainer, "_fit_loop")
 def _trainer_fit_loop(self, history: list, stop: int, start: float, first: int, minutes, timed_schedule: bool) -> None:
     bar = tqdm(total=self.steps, initial=self.step, disable=not self.progress, desc="train")
+    micro_batches = self.micro_batches(self.step, stop)
     while self.step < stop:
         spent = self._budget_spent(start, minutes)
         if spent >= 1:
             break
         if minutes is not None and timed_schedule:
             self._timed_step = first + int(spent * (stop - first))
-        metrics = self.train_step()
+        metrics = self.train_step([next(micro_batches) for _ in range(self.grad_accum)])
         history.append(metrics)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", skipped=self.skipper.skipped)

@@ -28,7 +28,7 @@ def make_trainer():
     dit = DeepFusionDiT(in_channels=3, patch_size=2, hidden_size=32, depth=2, num_heads=2, text_dim=lm.hidden_size,
                         num_llm_layers=lm.num_layers, rope_axes=(4, 6, 6), long_skips=False)
     return Trainer(dit, lm, SceneDataset(8, 16, 16, seed=1), steps=4, batch_size=4, lr=1e-3,
-                   progress=False, parallel=parallel, cond_drop_prob=0.3, checkpoint_dir=checkpoint_dir,
+                   progress=False, parallel=parallel, cond_drop_prob=0.3, bf16=False, checkpoint_dir=checkpoint_dir,
                    checkpoint_every=2 if checkpoint_dir else 0)
 
 

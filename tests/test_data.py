@@ -183,3 +183,50 @@ def test_rendered_scenes_keep_images_scenes_and_the_chosen_caption_levels():
     for bad in ([], [6], [-1], ["4"]):
         with pytest.raises(ValueError, match="levels"):
             RenderedScenes(scenes, levels=bad)
+
+
+def _bucketed_folder(tmp_path):
+    from PIL import Image
+
+    from deepfusion_ref.data import ImageTextFolder
+
+    rows = []
+    for k, (w, h) in enumerate([(64, 64), (60, 62), (64, 32), (96, 50), (70, 70), (128, 60)]):
+        Image.fromarray(np.full((h, w, 3), 30 * k, np.uint8)).save(tmp_path / f"{k}.png")
+        rows.append(f'{{"file": "{k}.png", "captions": ["image {k}", "the image number {k}"]}}')
+    (tmp_path / "captions.jsonl").write_text("\n".join(rows))
+    return ImageTextFolder(tmp_path, size=None, buckets=[(32, 32), (48, 24)])
+
+
+def test_buckets_keep_each_images_aspect_and_batches_never_mix_them(tmp_path):
+    from deepfusion_ref.data import ImageTextFolder, StepBatches
+
+    folder = _bucketed_folder(tmp_path)
+    assert folder.bucket_of == [0, 0, 1, 1, 0, 1]
+    assert folder[2]["image"].shape == (3, 24, 48) and folder[0]["image"].shape == (3, 32, 32)
+    batches = StepBatches(folder, batch_size=5, seed=3)
+    for step in range(30):
+        images, prompts = batches[step]
+        wide = images.shape[-1] == 48
+        # each image of the batch comes from the drawn bucket: its captions name an image of that bucket
+        for p in prompts:
+            assert p == "" or (int(p.split()[-1]) in (2, 3, 5)) == wide
+    widths = [batches[s][0].shape[-1] for s in range(200)]
+    assert 0.35 < widths.count(48) / 200 < 0.65  # buckets drawn in proportion to their size (3 of 6)
+    with pytest.raises(ValueError, match="buckets: give size=None"):
+        ImageTextFolder(tmp_path, buckets=[(32, 32)])
+    with pytest.raises(ValueError, match="buckets must be"):
+        ImageTextFolder(tmp_path, size=None, buckets=[(32,)])
+
+
+def test_step_batches_are_a_function_of_seed_and_step_only():
+    from deepfusion_ref.data import RenderedScenes, StepBatches
+
+    scenes = RenderedScenes(SceneDataset(10, 16, 16, seed=2))
+    a, b = StepBatches(scenes, 4, seed=1), StepBatches(scenes, 4, seed=1)
+    for step in (9, 0, 3):  # any order
+        assert torch.equal(a[step][0], b[step][0]) and a[step][1] == b[step][1]
+    assert not torch.equal(a[0][0], StepBatches(scenes, 4, seed=2)[0][0])
+    assert all(p == "" for p in StepBatches(scenes, 4, cond_drop_prob=1.0)[0][1])
+    with pytest.raises(ValueError, match="cond_drop_prob"):
+        StepBatches(scenes, 4, cond_drop_prob=1.5)

@@ -428,3 +428,39 @@ def test_tiny_dit_overfits_sixteen_scenes(minilm, threads):
     after = eval_loss()
     assert len(history) == 800 and not any(h["skipped"] for h in history)
     assert after < before / 10, f"fixed-set EDM loss fell only {before / after:.1f}x ({before:.3f} -> {after:.3f})"
+
+
+def test_dataloader_workers_train_exactly_as_in_process(minilm):
+    # batches are a function of (seed, step): two worker processes building them ahead change nothing
+    in_process, workers = make_trainer(minilm, steps=8), make_trainer(minilm, steps=8, num_workers=2)
+    in_process.fit()
+    workers.fit(until=3)
+    workers.fit()  # a second fit starts a new loader at step 3
+    for a, b in zip(in_process.conditioned.parameters(), workers.conditioned.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="num_workers"):
+        make_trainer(minilm, num_workers=-1)
+
+
+def test_trainer_trains_on_aspect_buckets(minilm, tmp_path):
+    import math
+
+    import numpy as np
+    from deepfusion_ref.data import ImageTextFolder
+    from deepfusion_ref.dit import DeepFusionDiT
+    from deepfusion_ref.train import Trainer
+    from PIL import Image
+
+    rows = []
+    for k, (w, h) in enumerate([(40, 40), (64, 30), (30, 30), (70, 34)]):
+        Image.fromarray(np.full((h, w, 3), 50 * k, np.uint8)).save(tmp_path / f"{k}.png")
+        rows.append(f'{{"file": "{k}.png", "caption": "image {k}"}}')
+    (tmp_path / "captions.jsonl").write_text("\n".join(rows))
+    folder = ImageTextFolder(tmp_path, size=None, buckets=[(16, 16), (24, 12)])
+    dit = DeepFusionDiT(in_channels=3, patch_size=2, hidden_size=32, depth=2, num_heads=2, text_dim=minilm.hidden_size,
+                        num_llm_layers=minilm.num_layers, rope_axes=(4, 6, 6), long_skips=False)
+    trainer = Trainer(dit, minilm, folder, steps=6, batch_size=2, progress=False, objective="flow")
+    shapes = {tuple(trainer.batch(s)[0].shape[-2:]) for s in range(6)}
+    assert shapes == {(16, 16), (12, 24)}
+    history = trainer.fit()
+    assert len(history) == 6 and all(math.isfinite(m["loss"]) for m in history)
