@@ -4,14 +4,15 @@
 
 Prints, per size, each model's img/s and memory and the ratios Efficient / standard (throughput > 1 and memory < 1
 mean the Efficient U-Net is better). Memory: torch.cuda.max_memory_allocated on a GPU; on the CPU parameters +
-gradients + AdamW state + the activations autograd saves for backward (unet.measure_train_step).
+gradients + AdamW state + the activations autograd saves for backward (measure.measure_train_step).
 """
 import argparse
 import json
 
 import torch
 
-from deepfusion_ref.unet import EfficientUNet, UNet, count_parameters, matched_configs, measure_train_step
+from deepfusion_ref.measure import measure_train_step
+from deepfusion_ref.unet import EfficientUNet, UNet, count_parameters, matched_configs
 
 
 def main():

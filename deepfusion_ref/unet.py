@@ -5,13 +5,9 @@
 # %% auto 0
 __all__ = ['num_groups_for', 'GroupNormSiLU', 'conv3x3', 'zero_init', 'ResBlock', 'heads_for', 'SelfAttention2d',
            'CrossAttention2d', 'Upsample', 'Level', 'random_text', 'EfficientUNet', 'UNet', 'count_parameters',
-           'efficient_config', 'standard_config', 'matched_configs', 'saved_activation_bytes', 'measure_train_step']
+           'efficient_config', 'standard_config', 'matched_configs']
 
 # %% ../nbs/08_unet.ipynb 3
-import math
-import resource
-import time
-
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -409,75 +405,3 @@ def matched_configs(width: int = 32, text_dim: int = 64, **kwargs) -> tuple[dict
         best = min(range(1, 4 * width + 1),
                    key=lambda w: abs(count_parameters(UNet(**standard_config(w, text_dim, **kwargs))) - target))
     return eff, standard_config(best, text_dim, **kwargs)
-
-# %% ../nbs/08_unet.ipynb 19
-def saved_activation_bytes(model: nn.Module, x: torch.Tensor, *args) -> int:
-    """Bytes of the tensors autograd saves for backward during one forward pass, parameters excluded and each storage
-    counted once: the activation memory a training step holds at its peak (our CPU stand-in for
-    torch.cuda.max_memory_allocated, deterministic and independent of the allocator)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        if isinstance(t, torch.Tensor) and t.device.type != "meta":
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in params:
-                seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x, *args)
-    return sum(seen.values())
-
-
-def measure_train_step(model: nn.Module, size, batch: int = 2, steps: int = 3, device="cpu",
-                       dtype=torch.float32, channels_last: bool = False, seed: int = 0) -> dict:
-    """Train-step throughput and memory of a U-Net on random data: AdamW steps of an EDM-like MSE at size (H, W).
-    Returns images_per_s, seconds_per_step (median), peak_bytes (GPU: torch.cuda.max_memory_allocated during the
-    timed steps; CPU: parameters + gradients + AdamW state + saved activations), activation_bytes and
-    rss_delta_bytes (growth of the process's max RSS during the steps, 0 when an earlier peak was higher)."""
-    device = torch.device(device)
-    height, width = (size, size) if isinstance(size, int) else size
-    model = model.to(device=device, dtype=dtype).train()
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    g = torch.Generator(device=device).manual_seed(seed)
-    cin = model.config.in_channels
-    x = torch.randn(batch, cin, height, width, generator=g, device=device, dtype=dtype)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    target = torch.randn(batch, model.config.out_channels, height, width, generator=g, device=device, dtype=dtype)
-    c_noise = torch.randn(batch, generator=g, device=device)
-    cond = random_text(batch, model.config.text_dim, device=device, dtype=dtype)
-    aug = torch.rand(batch, generator=g, device=device) if model.config.aug_embed else None
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = F.mse_loss(model(x, c_noise, cond, aug).float(), target.float())
-        loss.backward()
-        opt.step()
-
-    step()  # warm-up: allocator, AdamW state, kernels
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    if device.type == "cuda":
-        sync()
-        torch.cuda.reset_peak_memory_stats(device)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    seconds = sorted(times)[len(times) // 2]  # the median: robust to a busy shared machine
-    rss_delta = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
-    activations = saved_activation_bytes(model, x, c_noise, cond, aug)
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = 4 * param_bytes + activations  # weights, grads, AdamW's two moments, saved activations
-    return dict(images_per_s=batch / seconds, seconds_per_step=seconds, peak_bytes=int(peak),
-                activation_bytes=int(activations), rss_delta_bytes=int(rss_delta), parameters=count_parameters(model),
-                size=[height, width], batch=batch, device=str(device), dtype=str(dtype).replace("torch.", ""))

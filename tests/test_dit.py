@@ -306,11 +306,11 @@ def test_default_rope_axes_are_resolved_and_saved(tmp_path):
         DeepFusionDiT(hidden_size=8, num_heads=2)  # head dimension 4 has no even three-way split
 
 
-def test_mix_ffn_equals_a_hand_written_neighbourhood_sum():
-    from deepfusion_ref.dit import MixFFN
+def test_conv_glu_equals_a_hand_written_neighbourhood_sum():
+    from deepfusion_ref.dit import ConvGLU
 
     torch.manual_seed(3)
-    mix = MixFFN(8, 12).double()
+    mix = ConvGLU(8, 12).double()
     height, width = 4, 6
     x = torch.randn(2, height * width, 8, dtype=torch.float64)
     h = mix.expand(x).view(2, height, width, 24)
@@ -338,3 +338,24 @@ def test_mix_ffn_model_round_trip_and_bad_ffn(tmp_path):
     torch.testing.assert_close(loaded(x, torch.zeros(2), stack), model(x, torch.zeros(2), stack))
     with pytest.raises(ValueError, match="ffn"):
         make_model(ffn="swiglu")
+
+
+def test_conv_glu_is_sanas_glumbconv_without_its_first_silu():
+    from diffusers.models.transformers.sana_transformer import GLUMBConv
+
+    from deepfusion_ref.dit import ConvGLU
+
+    torch.manual_seed(2)
+    ours, sana = ConvGLU(8, 12).double(), GLUMBConv(8, 8, expand_ratio=1.5, residual_connection=False).double()
+    with torch.no_grad():
+        sana.conv_inverted.weight.copy_(ours.expand.weight[:, :, None, None])
+        sana.conv_inverted.bias.copy_(ours.expand.bias)
+        sana.conv_depth.load_state_dict(ours.depthwise.state_dict())
+        sana.conv_point.weight.copy_(ours.project.weight[:, :, None, None])
+        ours.project.bias.zero_()
+    x = torch.randn(2, 3 * 5, 8, dtype=torch.float64)
+    image = x.transpose(1, 2).reshape(2, 8, 3, 5)
+    expected = sana(image).flatten(2).transpose(1, 2)
+    assert not torch.allclose(ours(x, (3, 5)), expected)  # SANA's SiLU on the expansion differs
+    ours.expand.register_forward_hook(lambda module, args, out: torch.nn.functional.silu(out))
+    torch.testing.assert_close(ours(x, (3, 5)), expected)

@@ -6,8 +6,9 @@ import torch
 
 from deepfusion_ref.schedules import EDMPrecond
 from deepfusion_ref.text import LayerStack
-from deepfusion_ref.unet import (EfficientUNet, UNet, count_parameters, efficient_config, matched_configs,
-                                 measure_train_step, random_text, saved_activation_bytes, standard_config)
+from deepfusion_ref.measure import measure_train_step, saved_activation_bytes
+from deepfusion_ref.unet import (EfficientUNet, UNet, count_parameters, efficient_config, matched_configs, random_text,
+                                 standard_config)
 
 TEXT_DIM = 16
 SMALL = dict(channels=(8, 16, 16), self_attn_levels=(2,), cross_attn_levels=(1, 2), text_dim=TEXT_DIM, head_dim=8)
