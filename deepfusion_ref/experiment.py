@@ -126,6 +126,7 @@ RANGES = {
 }
 
 
+# %% ../nbs/13a_experiment.ipynb 9
 def _kinds(annotation, default) -> tuple:
     "The Python types a value may have, from a parameter's annotation (or its default); () for any."
     if annotation is inspect.Parameter.empty or annotation is typing.Any:
@@ -170,7 +171,7 @@ def check_value(key: str, value, kinds: tuple, source: str = "config") -> None:
             raise ConfigError(f"{source}: '{key}' must be {str(allowed).replace('x', key.rsplit('.', 1)[-1])}, "
                               f"got {value!r}")
 
-# %% ../nbs/13a_experiment.ipynb 8
+# %% ../nbs/13a_experiment.ipynb 10
 def _unknown(source: str, key: str, allowed) -> ConfigError:
     name = key.rsplit(".", 1)[-1]
     close = difflib.get_close_matches(name, list(allowed), n=1)
@@ -235,7 +236,7 @@ def validate_config(config, source: str = "config") -> None:
         except ValueError as err:
             raise ConfigError(f"{source}: 'objective': {err}") from None
 
-# %% ../nbs/13a_experiment.ipynb 9
+# %% ../nbs/13a_experiment.ipynb 11
 _SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
@@ -272,7 +273,7 @@ def load_config(path) -> dict:
     validate_config(config, str(path))
     return config
 
-# %% ../nbs/13a_experiment.ipynb 15
+# %% ../nbs/13a_experiment.ipynb 17
 def build_dataset(data: dict):
     "The training data set of a config's `data` section."
     from deepfusion_ref.data import ImageTextFolder, SceneDataset
@@ -339,7 +340,7 @@ def build_network(section: dict, language_model, channels: int = 3):
         opts.setdefault(key, value)
     return cls(**opts)
 
-# %% ../nbs/13a_experiment.ipynb 20
+# %% ../nbs/13a_experiment.ipynb 22
 def _distributed_device(device: str) -> str:
     "Under torchrun, `cuda` means this rank's GPU."
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -408,7 +409,7 @@ def pipeline_of(trainer, config: dict):
     return Text2ImagePipeline(trainer.lm, network.eval(), trainer.objective, null, trainer.codec, sample_size=(h, w))
 
 
-# %% ../nbs/13a_experiment.ipynb 21
+# %% ../nbs/13a_experiment.ipynb 23
 class Experiment:
     """One run from one typed config: `Experiment.from_config(dict)` or `from_file(path)`, then `fit()`, `pipeline()`
     and `evaluate(...)`. The command line builds its runs through it."""
@@ -474,7 +475,7 @@ def train(config: dict, source: str = "config", **fit_options) -> Path:
     "`deepfusion train`: Experiment(config).fit()."
     return Experiment(config, source).fit(**fit_options)
 
-# %% ../nbs/13a_experiment.ipynb 26
+# %% ../nbs/13a_experiment.ipynb 28
 def _training_config(pipeline_dir) -> dict | None:
     path = Path(pipeline_dir) / TRAINING_CONFIG
     return json.loads(path.read_text()) if path.exists() else None
