@@ -416,12 +416,13 @@ class StepBatches(torch.utils.data.Dataset):
         for index, bucket in enumerate(bucket_of or []):
             groups.setdefault(bucket, []).append(index)
         self.groups = [groups[b] for b in sorted(groups)] if len(groups) > 1 else None
+        # a bucket is drawn in proportion to the images it holds
+        self.weights = None if self.groups is None else torch.tensor([len(g) for g in self.groups], dtype=torch.float64)
 
     def indices(self, step: int, g: torch.Generator) -> list[int]:
         if self.groups is None:  # one size: uniform over the data set
             return torch.randint(len(self.dataset), (self.batch_size,), generator=g).tolist()
-        weights = torch.tensor([len(group) for group in self.groups], dtype=torch.float64)
-        group = self.groups[torch.multinomial(weights, 1, generator=g).item()]
+        group = self.groups[torch.multinomial(self.weights, 1, generator=g).item()]
         return [group[i] for i in torch.randint(len(group), (self.batch_size,), generator=g).tolist()]
 
     def __getitem__(self, step: int) -> tuple[torch.Tensor, list[str]]:
