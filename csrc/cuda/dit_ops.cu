@@ -10,6 +10,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "device_math.cuh"
 #include "kernels.h"
 
 namespace deepfusion_ref {
@@ -17,40 +18,6 @@ namespace cuda {
 namespace {
 
 constexpr int kRowThreads = 256;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-// Sum of (a, b) over the block; every thread gets the result. `shared` holds 2 * (warps) floats.
-__device__ __forceinline__ float2 block_sum2(float a, float b, float* shared) {
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    a += __shfl_xor_sync(0xFFFFFFFFu, a, offset);
-    b += __shfl_xor_sync(0xFFFFFFFFu, b, offset);
-  }
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-  __syncthreads();  // shared may still be read by a previous call
-  if (lane == 0) {
-    shared[warp] = a;
-    shared[warps + warp] = b;
-  }
-  __syncthreads();
-  a = 0.f;
-  b = 0.f;
-  for (int w = 0; w < warps; ++w) {
-    a += shared[w];
-    b += shared[warps + w];
-  }
-  return make_float2(a, b);
-}
 
 __device__ __forceinline__ void row_stats(float sum, float sumsq, int64_t d, bool rms, float eps, float& mean,
                                           float& rstd) {

@@ -14,6 +14,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "device_math.cuh"
 #include "kernels.h"
 
 namespace deepfusion_ref {
@@ -22,40 +23,6 @@ namespace {
 
 constexpr int kGroupThreads = 512;
 constexpr int kMaxSharedChannels = 4096;  // channels per group the backward keeps in shared memory (32 KiB)
-
-__device__ __forceinline__ float gn_to_float(float v) { return v; }
-__device__ __forceinline__ float gn_to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float gn_to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T>
-__device__ __forceinline__ T gn_from_float(float v);
-template <>
-__device__ __forceinline__ float gn_from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half gn_from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 gn_from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-// Sum of (a, b) over the block; every thread gets the result. `shared` holds 2 * 32 floats.
-__device__ __forceinline__ float2 gn_block_sum2(float a, float b, float* shared) {
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    a += __shfl_xor_sync(0xFFFFFFFFu, a, offset);
-    b += __shfl_xor_sync(0xFFFFFFFFu, b, offset);
-  }
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-  __syncthreads();  // shared may still be read by a previous call
-  if (lane == 0) {
-    shared[warp] = a;
-    shared[32 + warp] = b;
-  }
-  __syncthreads();
-  a = 0.f;
-  b = 0.f;
-  for (int w = 0; w < warps; ++w) {
-    a += shared[w];
-    b += shared[32 + w];
-  }
-  return make_float2(a, b);
-}
 
 struct GroupGeometry {
   int64_t c, hw, d, groups;
@@ -89,14 +56,14 @@ __global__ void __launch_bounds__(kGroupThreads)
   __shared__ float shared[64];
   const int64_t n = blockIdx.x / geo.groups, g = blockIdx.x % geo.groups, m = geo.d * geo.hw;
   int64_t ci;
-  const float k = gn_to_float(x[geo.offset(n, g, 0, ci)]);
+  const float k = to_float(x[geo.offset(n, g, 0, ci)]);
   float s1 = 0.f, s2 = 0.f;
   for (int64_t i = threadIdx.x; i < m; i += blockDim.x) {
-    const float v = gn_to_float(x[geo.offset(n, g, i, ci)]) - k;
+    const float v = to_float(x[geo.offset(n, g, i, ci)]) - k;
     s1 += v;
     s2 += v * v;
   }
-  const float2 s = gn_block_sum2(s1, s2, shared);
+  const float2 s = block_sum2(s1, s2, shared);
   const float dm = s.x / static_cast<float>(m);
   const float mean = k + dm, rstd = rsqrtf(fmaxf(s.y / static_cast<float>(m) - dm * dm, 0.f) + eps);
   if (threadIdx.x == 0) {
@@ -107,8 +74,8 @@ __global__ void __launch_bounds__(kGroupThreads)
     const int64_t off = geo.offset(n, g, i, ci);
     const int64_t c = g * geo.d + ci, nc = n * geo.c + c;
     const float f = p.film(nc), a = rstd * p.w(c) * f;
-    const float u = a * gn_to_float(x[off]) + (p.b(c) - mean * rstd * p.w(c)) * f + p.t(nc);
-    y[off] = gn_from_float<T>(act ? u * gn_sigmoid(u) : u);
+    const float u = a * to_float(x[off]) + (p.b(c) - mean * rstd * p.w(c)) * f + p.t(nc);
+    y[off] = from_float<T>(act ? u * gn_sigmoid(u) : u);
   }
 }
 
@@ -127,7 +94,7 @@ __global__ void __launch_bounds__(kGroupThreads)
   int64_t ci;
   // delta = dL/du at element i, with u = a x + b recomputed from the statistics
   auto delta_at = [&](int64_t off, int64_t c, int64_t nc, float v) {
-    const float gv = gn_to_float(grad[off]);
+    const float gv = to_float(grad[off]);
     if (!act) return gv;
     const float f = p.film(nc);
     const float u = rstd * p.w(c) * f * v + (p.b(c) - mean * rstd * p.w(c)) * f + p.t(nc);
@@ -141,7 +108,7 @@ __global__ void __launch_bounds__(kGroupThreads)
   for (int64_t i = threadIdx.x; i < m; i += blockDim.x) {
     const int64_t off = geo.offset(n, g, i, ci);
     const int64_t c = g * geo.d + ci, nc = n * geo.c + c;
-    const float v = gn_to_float(x[off]);
+    const float v = to_float(x[off]);
     const float delta = delta_at(off, c, nc, v);
     if (ci != held) {
       if (held >= 0) {
@@ -167,15 +134,15 @@ __global__ void __launch_bounds__(kGroupThreads)
     m1 += kc * A;
     m2 += kc * B;
   }
-  const float2 s = gn_block_sum2(m1, m2, shared);
+  const float2 s = block_sum2(m1, m2, shared);
   const float inv_m = 1.f / static_cast<float>(m);
   const float q = -rstd * rstd * s.y * inv_m, r = -rstd * s.x * inv_m + mean * rstd * rstd * s.y * inv_m;
   for (int64_t i = threadIdx.x; i < m; i += blockDim.x) {
     const int64_t off = geo.offset(n, g, i, ci);
     const int64_t c = g * geo.d + ci, nc = n * geo.c + c;
-    const float v = gn_to_float(x[off]);
+    const float v = to_float(x[off]);
     const float delta = delta_at(off, c, nc, v);
-    grad_x[off] = gn_from_float<T>(rstd * p.w(c) * p.film(nc) * delta + q * v + r);
+    grad_x[off] = from_float<T>(rstd * p.w(c) * p.film(nc) * delta + q * v + r);
   }
 }
 
