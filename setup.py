@@ -32,7 +32,7 @@ def compiled_core():
     # that expands to `#pragma omp parallel` in *our* translation unit, so without it the CPU kernels run on one
     # thread. The resulting libgomp.so.1 dependency resolves to the copy torch has already loaded.
     cxx_flags = ["-O3", "-fopenmp"]
-    sources = ["csrc/ops.cpp"]
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))  # schemas, then one file per op
     with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
                  and os.environ.get("DEEPFUSION_REF_NO_CUDA") != "1")
     if with_cuda:
