@@ -188,6 +188,7 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     return (x.to(ct) * cos.to(ct) + rotated * sin.to(ct)).to(x.dtype)
 
 
+# %% ../nbs/01_ops.ipynb 28
 def _fake_adaln_norm(x, shift, scale, eps, rms):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
@@ -234,6 +235,7 @@ if load_extension():
     _register_dit_ops()
 
 
+# %% ../nbs/01_ops.ipynb 31
 def adaln_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6, rms: bool = False,
                impl: str = "auto") -> torch.Tensor:
     "Dispatch adaLN normalisation (x [B, N, D], shift/scale [B, D]): compiled kernel if available, else reference."
@@ -248,7 +250,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: str = "aut
         return torch.ops.deepfusion_ref.rope(x, cos.float(), sin.float())
     return rope_reference(x, cos, sin)
 
-# %% ../nbs/01_ops.ipynb 29
+# %% ../nbs/01_ops.ipynb 35
 GROUP_NORM_DTYPES = {"cpu": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
                      "cuda": (torch.float16, torch.bfloat16, torch.float32)}
 
@@ -290,7 +292,7 @@ def group_norm_silu_reference(x: torch.Tensor, weight: torch.Tensor | None, bias
         y = torch.nn.functional.silu(y)
     return y.to(x.dtype)
 
-# %% ../nbs/01_ops.ipynb 32
+# %% ../nbs/01_ops.ipynb 38
 def group_norm_silu_param_grads(sum_delta: torch.Tensor, sum_delta_xhat: torch.Tensor,
                                 weight: torch.Tensor | None, bias: torch.Tensor | None,
                                 scale: torch.Tensor | None, shift: torch.Tensor | None):
@@ -304,7 +306,7 @@ def group_norm_silu_param_grads(sum_delta: torch.Tensor, sum_delta_xhat: torch.T
     grad_shift = None if shift is None else sum_delta
     return grad_weight, grad_bias, grad_scale, grad_shift
 
-# %% ../nbs/01_ops.ipynb 35
+# %% ../nbs/01_ops.ipynb 41
 def _channels_last_like(x: torch.Tensor) -> bool:
     "Whether the kernels treat x as [N, *spatial, C] (channel dim innermost, and x not also plain contiguous)."
     return x.dim() >= 3 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
