@@ -66,6 +66,7 @@ class ResBlock(nn.Module):
         return self.shortcut(x) + h
 
 
+# %% ../nbs/08_unet.ipynb 8
 def heads_for(channels: int, head_dim: int) -> int:
     "Attention heads of about `head_dim` channels each: the largest divisor of `channels` <= channels // head_dim."
     return max(h for h in range(1, max(1, channels // head_dim) + 1) if channels % h == 0)
@@ -125,6 +126,7 @@ class CrossAttention2d(nn.Module):
         return x + _tokens_to_map(self.out(out.transpose(1, 2).flatten(2)), h, w)
 
 
+# %% ../nbs/08_unet.ipynb 11
 class Upsample(nn.Module):
     "Nearest-neighbour x2 then a 3x3 convolution."
 
@@ -135,7 +137,7 @@ class Upsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
-# %% ../nbs/08_unet.ipynb 7
+# %% ../nbs/08_unet.ipynb 13
 class Level(nn.Module):
     """The blocks of one resolution: residual blocks, each optionally followed by self- and cross-attention
     (`attn_every_block`, ADM) or attention once after the last block (Imagen's DBlock/UBlock)."""
@@ -161,7 +163,7 @@ class Level(nn.Module):
             h = run(self.cross_attn[j], h, text, text_mask)
         return h
 
-# %% ../nbs/08_unet.ipynb 8
+# %% ../nbs/08_unet.ipynb 14
 class _UNetBase(ModelMixin, ConfigMixin):
     "What both U-Nets share: embeddings of noise level, augmentation level and text; checks; stem and output head."
 
@@ -248,7 +250,7 @@ def random_text(batch: int, text_dim: int, length: int = 8, device=None, dtype=t
     hidden = torch.randn(1, batch, length, text_dim, generator=g).to(device=device, dtype=dtype)
     return LayerStack(hidden, torch.ones(batch, length, dtype=torch.bool, device=device))
 
-# %% ../nbs/08_unet.ipynb 10
+# %% ../nbs/08_unet.ipynb 16
 class EfficientUNet(_UNetBase):
     """Imagen's Efficient U-Net (Saharia et al. 2022, appendix B.1): per-level block counts (more at low resolution),
     DBlocks that down-sample *before* their convolutions, UBlocks that up-sample *after* them, one skip per level
@@ -304,7 +306,7 @@ class EfficientUNet(_UNetBase):
             h = up(h)
         return self._head(h)
 
-# %% ../nbs/08_unet.ipynb 12
+# %% ../nbs/08_unet.ipynb 18
 class UNet(_UNetBase):
     """The standard (DDPM/ADM) U-Net from the same parts: at every level `num_res_blocks` residual blocks at that
     level's resolution *then* a strided down-sampling conv; the decoder mirrors it with one more block per level,
@@ -374,7 +376,7 @@ class UNet(_UNetBase):
             h = up(h)
         return self._head(h)
 
-# %% ../nbs/08_unet.ipynb 16
+# %% ../nbs/08_unet.ipynb 22
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
