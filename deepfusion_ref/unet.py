@@ -244,13 +244,14 @@ class _UNetBase(ModelMixin, ConfigMixin):
         return self.out_conv(self.out_norm(h))
 
 
+# %% ../nbs/08_unet.ipynb 16
 def random_text(batch: int, text_dim: int, length: int = 8, device=None, dtype=torch.float32, seed: int = 0):
     "A LayerStack of random 'prompt' states (one layer), for shape checks and measurements."
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(1, batch, length, text_dim, generator=g).to(device=device, dtype=dtype)
     return LayerStack(hidden, torch.ones(batch, length, dtype=torch.bool, device=device))
 
-# %% ../nbs/08_unet.ipynb 16
+# %% ../nbs/08_unet.ipynb 19
 class EfficientUNet(_UNetBase):
     """Imagen's Efficient U-Net (Saharia et al. 2022, appendix B.1): per-level block counts (more at low resolution),
     DBlocks that down-sample *before* their convolutions, UBlocks that up-sample *after* them, one skip per level
@@ -306,7 +307,7 @@ class EfficientUNet(_UNetBase):
             h = up(h)
         return self._head(h)
 
-# %% ../nbs/08_unet.ipynb 18
+# %% ../nbs/08_unet.ipynb 21
 class UNet(_UNetBase):
     """The standard (DDPM/ADM) U-Net from the same parts: at every level `num_res_blocks` residual blocks at that
     level's resolution *then* a strided down-sampling conv; the decoder mirrors it with one more block per level,
@@ -376,7 +377,7 @@ class UNet(_UNetBase):
             h = up(h)
         return self._head(h)
 
-# %% ../nbs/08_unet.ipynb 22
+# %% ../nbs/08_unet.ipynb 25
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
