@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# %% ../nbs/14_cli.ipynb 18
 def _run_command(args) -> int:
     if args.command == "train":
         train(load_config(args.config), args.config, fallback=args.resume_fallback, branch_from=args.branch_from)
