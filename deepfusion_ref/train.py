@@ -28,15 +28,7 @@ from torch import nn
 
 from .files import DamagedError, FolderLock, is_complete, recover_folders, replace_folder, temporary_folder, verify_manifest, write_manifest
 from .data import StepBatches
-from .cond import LayerStack, LearnedNull, NullConditioned, codec_decode, codec_encode  # noqa: F401
-
-
-def _attach(cls, name: str, prop: bool = False):
-    "Attach the decorated function to `cls` as method (or property) `name`: how a class is split over notebook cells."
-    def attach(fn):
-        setattr(cls, name, property(fn) if prop else fn)
-        return fn
-    return attach
+from .cond import LayerStack, LearnedNull, attach, NullConditioned, codec_decode, codec_encode  # noqa: F401
 
 # %% ../nbs/11_train.ipynb 5
 NO_DECAY_MODULES = (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.BatchNorm1d, nn.BatchNorm2d)
@@ -497,7 +489,7 @@ class Trainer:
         self.progress = progress and self.rank == 0
 
 # %% ../nbs/11_train.ipynb 37
-@_attach(Trainer, "_distribute")
+@attach(Trainer, "_distribute")
 def _trainer_distribute(self, parallel: str) -> None:
     """Under torchrun every rank draws the same global batch and noise and takes its shard; DDP averages the
     gradients (FSDP2 reduce-scatters them), so N ranks compute the update of one process."""
@@ -517,7 +509,7 @@ def _trainer_distribute(self, parallel: str) -> None:
         self.model = self.conditioned
 
 # %% ../nbs/11_train.ipynb 38
-@_attach(Trainer, "batch")
+@attach(Trainer, "batch")
 def _trainer_batch(self, step: int) -> tuple[torch.Tensor, list[str]]:
     "Images and drawn captions of micro-step `step` ('' where dropped): a function of (seed, step) only."
     images, prompts = self.batches[step]
@@ -534,7 +526,7 @@ def _set_drop(self, p: float) -> None:
 Trainer.cond_drop_prob = property(_get_drop, _set_drop, doc="Probability that a caption is dropped (the batches' own).")
 
 
-@_attach(Trainer, "encode")
+@attach(Trainer, "encode")
 def _trainer_encode(self, prompts: list[str]) -> LayerStack:
     "The condition of a batch: the LLM's stacks, dropped rows ('') marked for the learned null."
     cond = self.lm.encode(prompts).to(self.device)
@@ -542,7 +534,7 @@ def _trainer_encode(self, prompts: list[str]) -> LayerStack:
         cond.drop = torch.tensor([p == "" for p in prompts], device=self.device)
     return cond
 
-@_attach(Trainer, "_full_states")
+@attach(Trainer, "_full_states")
 def _trainer_full_states(self) -> tuple[dict, dict, dict]:
     "Model, EMA and optimizer state dicts with full tensors (gathered from the shards under FSDP)."
     if not self.fsdp:
@@ -556,7 +548,7 @@ def _trainer_full_states(self) -> tuple[dict, dict, dict]:
     return model, ema, get_optimizer_state_dict(self.conditioned, self.optimizer, options=opts)
 
 # %% ../nbs/11_train.ipynb 41
-@_attach(Trainer, "save")
+@attach(Trainer, "save")
 def _trainer_save(self) -> Path | None:
     """Write a checkpoint of the current step (every rank must call it; rank 0 writes, and no rank returns before
     the checkpoint is complete, so a rank that resumes right after finds it)."""
@@ -572,7 +564,7 @@ def _trainer_save(self) -> Path | None:
     return path
 
 
-@_attach(Trainer, "_pick_checkpoint")
+@attach(Trainer, "_pick_checkpoint")
 def _trainer_pick_checkpoint(self, fallback: bool) -> Path | None:
     "The newest checkpoint whose bytes verify; a damaged newest one is an error naming it unless `fallback`."
     found = checkpoint_folders(self.checkpoint_dir)
@@ -590,7 +582,7 @@ def _trainer_pick_checkpoint(self, fallback: bool) -> Path | None:
     return None
 
 
-@_attach(Trainer, "resume")
+@attach(Trainer, "resume")
 def _trainer_resume(self, fallback: bool = False, branch_from=None) -> bool:
     """Load the newest verified checkpoint in checkpoint_dir, if any (every rank reads it). Its objective and run
     config must equal this run's (all but `train.steps`). `branch_from`: start from that checkpoint folder instead
@@ -619,7 +611,7 @@ def _trainer_resume(self, fallback: bool = False, branch_from=None) -> bool:
     return True
 
 
-@_attach(Trainer, "_load")
+@attach(Trainer, "_load")
 def _trainer_load(self, path: Path) -> dict:
     if not self.fsdp:
         return load_checkpoint(path, self.conditioned, self.optimizer, self.scheduler, self.ema)
@@ -636,14 +628,14 @@ def _trainer_load(self, path: Path) -> dict:
     return meta
 
 # %% ../nbs/11_train.ipynb 43
-@_attach(Trainer, "_apply_stage")
+@attach(Trainer, "_apply_stage")
 def _trainer_apply_stage(self) -> None:
     current = [patterns for first, patterns in self.stages if first <= self.step]
     if current:
         set_trainable(self.denoiser, current[-1])
 
 
-@_attach(Trainer, "train_step")
+@attach(Trainer, "train_step")
 def _trainer_train_step(self, micro_batches=None) -> dict:
     "One optimiser step on `micro_batches` (grad_accum (images, prompts) pairs; drawn here when None)."
     self._apply_stage()
@@ -680,7 +672,7 @@ def _trainer_train_step(self, micro_batches=None) -> dict:
             "lr": self.scheduler.get_last_lr()[0]}
 
 
-@_attach(Trainer, "image_seq_len")
+@attach(Trainer, "image_seq_len")
 def _trainer_image_seq_len(self, x0: torch.Tensor) -> int:
     "Image tokens the network sees for a batch like x0 (what FLUX's resolution-dependent shift reads)."
     from deepfusion_ref.schedules import image_seq_len
@@ -688,19 +680,19 @@ def _trainer_image_seq_len(self, x0: torch.Tensor) -> int:
     return image_seq_len(self.network, *x0.shape[-2:])
 
 # %% ../nbs/11_train.ipynb 45
-@_attach(Trainer, "ema_module", prop=True)
+@attach(Trainer, "ema_module", kind="property")
 def _trainer_ema_module(self) -> nn.Module:
     "The EMA weights' trained module (the objective's wrapper of the network), without the learned null."
     return self.ema.module.denoiser if self.null is not None else self.ema.module
 
 
-@_attach(Trainer, "ema_denoiser", prop=True)
+@attach(Trainer, "ema_denoiser", kind="property")
 def _trainer_ema_denoiser(self) -> nn.Module:
     "The EMA weights' x0 estimate D(x, t, cond) in the objective's own time (EDM: the preconditioned denoiser)."
     return self.objective.denoiser(self.ema_module)
 
 
-@_attach(Trainer, "sample")
+@attach(Trainer, "sample")
 @torch.no_grad()
 def _trainer_sample(self, prompts: list[str], steps: int | None = None, guidance_scale: float | None = None,
                     seed: int = 0) -> torch.Tensor:
@@ -713,7 +705,7 @@ def _trainer_sample(self, prompts: list[str], steps: int | None = None, guidance
                 generator=torch.Generator().manual_seed(seed), output_type="pt", progress=self.progress).images
 
 # %% ../nbs/11_train.ipynb 47
-@_attach(Trainer, "micro_batches")
+@attach(Trainer, "micro_batches")
 def _trainer_micro_batches(self, first_step: int, stop: int):
     """The micro-batches of optimiser steps first_step..stop-1, in order: built in this process, or by `num_workers`
     DataLoader workers ahead of training (each builds whole steps, so the batches are the same either way)."""
@@ -725,7 +717,7 @@ def _trainer_micro_batches(self, first_step: int, stop: int):
     return iter(loader)
 
 
-@_attach(Trainer, "_budget_spent")
+@attach(Trainer, "_budget_spent")
 def _trainer_budget_spent(self, start: float, minutes: float | None) -> float:
     "Fraction of the wall-clock budget spent (0 without one); under torchrun rank 0's clock decides for all."
     if minutes is None:
@@ -738,7 +730,7 @@ def _trainer_budget_spent(self, start: float, minutes: float | None) -> float:
     return spent
 
 
-@_attach(Trainer, "fit")
+@attach(Trainer, "fit")
 def _trainer_fit(self, until: int | None = None, minutes: float | None = None, timed_schedule: bool = True) -> list[dict]:
     """Train up to `steps` (or stop early at step `until`, or when `minutes` of wall-clock time are spent),
     continuing from a resumed step; per-step metrics. With a budget and `timed_schedule`, the LR schedule runs
@@ -760,7 +752,7 @@ def _trainer_fit(self, until: int | None = None, minutes: float | None = None, t
     return history
 
 
-@_attach(Trainer, "_fit_loop")
+@attach(Trainer, "_fit_loop")
 def _trainer_fit_loop(self, history: list, stop: int, start: float, first: int, minutes, timed_schedule: bool) -> None:
     bar = tqdm(total=self.steps, initial=self.step, disable=not self.progress, desc="train")
     micro_batches = self.micro_batches(self.step, stop)
