@@ -16,7 +16,7 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (after 5 warm-up steps)")
 args = parser.parse_args()
 hf_logging.disable_progress_bar()
-train_set = RenderedScenes(SceneDataset(500, seed=0, width=24, height=24, max_objects=1, exact_rgb_prob=0.0), [4])
+train_set = RenderedScenes(SceneDataset(500, seed=0, width=24, height=24, max_objects=1, exact_rgb_prob=0.0), [5])
 lm = LanguageModel.from_pretrained(packaged_minilm_path(), max_length=96)
 lm.encode(sorted(train_set.captions()))
 times = {}

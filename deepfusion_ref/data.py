@@ -242,14 +242,14 @@ class SceneDataset(torch.utils.data.Dataset):
 
 # %% ../nbs/10_data.ipynb 18
 class RenderedScenes(torch.utils.data.Dataset):
-    "The items of a scene data set rendered once, each keeping only the captions of the chosen levels (0..5)."
+    "The items of a scene data set rendered once, each keeping only the captions of the chosen levels (1..6)."
 
     def __init__(self, scenes: torch.utils.data.Dataset, levels=None):
-        levels = list(range(6)) if levels is None else list(levels)
-        if not levels or not all(isinstance(lv, int) and 0 <= lv < 6 for lv in levels):
-            raise ValueError(f"levels must be a non-empty list of caption indices 0..5, got {levels}")
+        levels = list(range(1, 7)) if levels is None else list(levels)
+        if not levels or not all(isinstance(lv, int) and 1 <= lv <= 6 for lv in levels):
+            raise ValueError(f"levels must be a non-empty list of caption levels 1..6, got {levels}")
         self.levels = levels
-        self.items = [{**item, "captions": [item["captions"][lv] for lv in levels]}
+        self.items = [{**item, "captions": [item["captions"][lv - 1] for lv in levels]}
                       for item in (scenes[i] for i in range(len(scenes)))]
 
     def __len__(self) -> int:

@@ -7,7 +7,7 @@ __all__ = ['SECTIONS', 'REQUIRED', 'DATA_KINDS', 'NETWORK_CLASSES', 'TRAINER_FIL
            'POSITIVE', 'NON_NEGATIVE', 'PROBABILITY', 'AT_LEAST_ONE', 'RANGES', 'ConfigError', 'network_classes',
            'section_schema', 'allowed_keys', 'Range', 'check_value', 'validate_config', 'load_config', 'build_dataset',
            'build_language_model', 'rope_axes_for', 'build_network', 'default_sample_prompts', 'build_trainer',
-           'pipeline_of', 'Experiment', 'train', 'evaluate_pipeline']
+           'pipeline_of', 'Experiment', 'train', 'held_out_samples', 'score_held_out', 'evaluate_pipeline']
 
 # %% ../nbs/13a_experiment.ipynb 3
 import difflib
@@ -62,7 +62,8 @@ def section_schema(section: str, value: dict) -> dict:
 
     if section == "data":
         if value.get("kind") == "scenes":
-            params, own = _parameters(SceneDataset.__init__, ("self", "length")), {"kind": (str,), "size": (int,)}
+            params = _parameters(SceneDataset.__init__, ("self", "length"))
+            own = {"kind": (str,), "size": (int,), "levels": (list,)}  # levels: caption levels 1..6 to train on
         else:
             params, own = _parameters(ImageTextFolder.__init__, ("self", "root")), {"kind": (str,), "path": (str,)}
     elif section == "language_model":
@@ -189,6 +190,10 @@ def _check_lists(config: dict, source: str) -> None:
     if betas is not None and not (len(betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool)
                                                           and 0 <= b < 1 for b in betas)):
         raise ConfigError(f"{source}: 'train.betas' must be two numbers in [0, 1), got {betas!r}")
+    levels = config["data"].get("levels")
+    if levels is not None and not (levels and all(isinstance(lv, int) and not isinstance(lv, bool) and 1 <= lv <= 6
+                                                  for lv in levels)):
+        raise ConfigError(f"{source}: 'data.levels' must be a non-empty list of caption levels 1..6, got {levels!r}")
     steps, warm, decay = train.get("steps"), train.get("warmup_steps", 0), train.get("decay_steps", 0)
     if isinstance(steps, int) and warm + decay > steps:
         raise ConfigError(f"{source}: 'train.warmup_steps' + 'train.decay_steps' ({warm} + {decay}) must be <= "
@@ -275,12 +280,15 @@ def load_config(path) -> dict:
 
 # %% ../nbs/13a_experiment.ipynb 17
 def build_dataset(data: dict):
-    "The training data set of a config's `data` section."
-    from deepfusion_ref.data import ImageTextFolder, SceneDataset
+    """The training data set of a config's `data` section; scenes with `levels` are rendered once (`RenderedScenes`)
+    and keep only the captions of those levels (1..6), which are then the prompts the model learns to follow."""
+    from deepfusion_ref.data import ImageTextFolder, RenderedScenes, SceneDataset
 
     opts = {k: v for k, v in data.items() if k != "kind"}
     if data["kind"] == "scenes":
-        return SceneDataset(opts.pop("size", 4096), **opts)
+        levels = opts.pop("levels", None)
+        scenes = SceneDataset(opts.pop("size", 4096), **opts)
+        return scenes if levels is None else RenderedScenes(scenes, levels)
     if isinstance(opts.get("size"), list):
         opts["size"] = tuple(opts["size"])
     return ImageTextFolder(opts.pop("path"), **opts)
@@ -481,15 +489,14 @@ def _training_config(pipeline_dir) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def evaluate_pipeline(pipeline, n: int = 32, seed: int | None = None, level: int = 5, steps: int = 18,
-                      guidance: float = 3.0, thresholding: str | None = None, batch_size: int = 16,
-                      max_objects: int | None = None, out=None, report=None, device: str = "cpu",
-                      progress: bool = True, training: dict | None = None) -> dict:
-    """Score a pipeline (or a saved pipeline's folder) on `n` held-out scenes, captions of `level` (1..6); the
-    aggregate metrics (written to `out`). `seed`: the scenes' and noise seed, by default the training scenes' seed +
-    HELD_OUT_SEED_OFFSET (the training config comes from `training` or the folder's training_config.json)."""
-    from deepfusion_ref.data import SceneDataset, render
-    from deepfusion_ref.evaluate import aggregate, saturation_fraction, score_scene, side_by_side_report
+def held_out_samples(pipeline, n: int = 32, seed: int | None = None, level: int = 5, steps: int = 18,
+                     guidance: float = 3.0, thresholding: str | None = None, batch_size: int = 16,
+                     max_objects: int | None = None, device: str = "cpu", progress: bool = True,
+                     training: dict | None = None) -> dict:
+    """Images [N, 3, H, W] in [0, 1] of a pipeline (or a saved pipeline's folder) for the captions of `level` (1..6) of
+    `n` held-out scenes, with the items and settings. `seed`: the scenes' and noise seed, by default the training
+    scenes' seed + HELD_OUT_SEED_OFFSET (the training config comes from `training` or the folder's training_config.json)."""
+    from deepfusion_ref.data import SceneDataset
     from deepfusion_ref.pipeline import Text2ImagePipeline
     from tqdm.auto import tqdm
 
@@ -516,23 +523,54 @@ def evaluate_pipeline(pipeline, n: int = 32, seed: int | None = None, level: int
     images = []
     for start in tqdm(range(0, n, batch_size), disable=not progress, desc="eval"):
         chunk = slice(start, start + batch_size)
-        images += pipe(prompts[chunk], height=height, width=width, num_inference_steps=steps,
-                       guidance_scale=guidance, thresholding=thresholding, latents=latents[chunk],
-                       progress=False).images
-    pairs = "consecutive" if level == 5 else "all"
-    results = [score_scene(image, item["scene"], pairs=pairs) for image, item in zip(images, items)]
-    metrics = aggregate(results)
+        images.append(pipe(prompts[chunk], height=height, width=width, num_inference_steps=steps,
+                           guidance_scale=guidance, thresholding=thresholding, latents=latents[chunk],
+                           output_type="pt", progress=False).images.cpu())
+    settings = {"pipeline": name, "n": n, "seed": seed, "level": level, "steps": steps, "guidance": guidance,
+                "thresholding": thresholding, "size": [height, width], "pairs": "consecutive" if level == 5 else "all"}
+    return {"images": torch.cat(images), "items": items, "prompts": prompts, "settings": settings}
+
+
+def score_held_out(samples: dict) -> tuple[dict, list[dict]]:
+    """The alignment of `held_out_samples` with their own scenes (`aggregate`'s metrics), plus `floor` (the same images
+    scored against the next prompt's scene), `ceiling` (the clean renders scored) and `saturation`; and the
+    per-image `score_scene` results. Level-5 captions name relations between consecutive objects only."""
+    from deepfusion_ref.evaluate import aggregate, saturation_fraction, score_prompts, score_scene
+
+    images, scenes = samples["images"], [item["scene"] for item in samples["items"]]
+    pairs = samples["settings"]["pairs"]
+    if len(scenes) >= 2:
+        report = score_prompts(images, scenes, pairs=pairs)
+        metrics, scored, floor = report["matched"], report["scored"], report["floor"]["overall"]
+    else:  # one image has no other prompt to be scored against
+        scored = [score_scene(images[0], scenes[0], pairs=pairs)]
+        metrics, floor = aggregate(scored), None
+    renders = [(item["image"] + 1) / 2 for item in samples["items"]]  # data items are model-space, [-1, 1]
+    metrics["floor"] = floor
+    metrics["ceiling"] = aggregate([score_scene(r, s, pairs=pairs) for r, s in zip(renders, scenes)])["overall"]
     metrics["saturation"] = saturation_fraction(images)
-    metrics["settings"] = {"pipeline": name, "n": n, "seed": seed, "level": level, "steps": steps,
-                           "guidance": guidance, "thresholding": thresholding, "size": [height, width],
-                           "pairs": pairs}
+    metrics["settings"] = samples["settings"]
+    return metrics, scored
+
+
+def evaluate_pipeline(pipeline, n: int = 32, seed: int | None = None, level: int = 5, steps: int = 18,
+                      guidance: float = 3.0, thresholding: str | None = None, batch_size: int = 16,
+                      max_objects: int | None = None, out=None, report=None, device: str = "cpu",
+                      progress: bool = True, training: dict | None = None) -> dict:
+    """`deepfusion eval`: `held_out_samples` scored by `score_held_out`; the metrics (written to `out` as JSON, and a
+    side-by-side page of samples and clean renders to `report`)."""
+    from deepfusion_ref.data import Scene, render
+    from deepfusion_ref.evaluate import side_by_side_report
+
+    samples = held_out_samples(pipeline, n, seed, level, steps, guidance, thresholding, batch_size, max_objects,
+                               device, progress, training)
+    metrics, _ = score_held_out(samples)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(metrics, indent=1))
     if report is not None:
-        from deepfusion_ref.data import Scene
-
-        references = [render(Scene.from_dict(item["scene"])) for item in items]
-        side_by_side_report(images, references, prompts, Path(report).with_suffix(".png"),
-                            names=("generated", "reference"), scenes=[item["scene"] for item in items])
+        scenes = [item["scene"] for item in samples["items"]]
+        references = [render(Scene.from_dict(scene)) for scene in scenes]
+        side_by_side_report(list(samples["images"]), references, samples["prompts"], Path(report).with_suffix(".png"),
+                            names=("generated", "reference"), scenes=scenes)
     return metrics

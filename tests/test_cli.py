@@ -129,6 +129,24 @@ def test_config_errors_name_the_file_and_key(tmp_path, capsys):
     assert not (tmp_path / "never").exists()  # nothing was built or written
 
 
+def test_data_levels_keep_only_those_caption_levels(tmp_path):
+    "data.levels (1..6, as the CLI's --level) picks the captions the model trains on; a level out of range is an error."
+    from deepfusion_ref.data import SceneDataset
+    from deepfusion_ref.experiment import build_dataset, validate_config
+
+    data = {"kind": "scenes", "size": 5, "width": 16, "height": 16, "seed": 3, "levels": [5, 2]}
+    dataset, scenes = build_dataset(data), SceneDataset(5, 16, 16, seed=3)
+    assert [dataset[i]["captions"] for i in range(5)] == [[scenes[i]["captions"][4], scenes[i]["captions"][1]]
+                                                          for i in range(5)]
+    assert torch.equal(dataset[2]["image"], scenes[2]["image"])
+    (tmp_path / "tiny.yaml").write_text(TINY.format(out=tmp_path / "never", steps=2))
+    config = load_config(tmp_path / "tiny.yaml")
+    for bad in ([0], [7], [], [True], "5"):
+        config["data"]["levels"] = bad
+        with pytest.raises(ConfigError, match=r"data\.levels"):
+            validate_config(config, "levels.yaml")
+
+
 def test_sample_writes_requested_size_deterministically(yaml_run, tmp_path):
     from deepfusion_ref.pipeline import Text2ImagePipeline
 
@@ -158,6 +176,7 @@ def test_eval_writes_aggregate_json_and_report(yaml_run, tmp_path, capsys):
     assert tuple(metrics["accuracy"]) == CATEGORIES and metrics["n_images"] == 3
     assert metrics["settings"]["seed"] == 1000 and metrics["settings"]["pairs"] == "consecutive"
     assert 0 <= metrics["overall"] <= 1 and 0 <= metrics["saturation"] <= 1
+    assert 0 <= metrics["floor"] <= 1 and metrics["ceiling"] == 1.0  # the scale's ends: another prompt, clean renders
     assert (tmp_path / "r.html").exists() and (tmp_path / "r.png").exists()
     assert json.loads(capsys.readouterr().out) == metrics  # also printed
     # the noise of image i does not depend on how the images are batched

@@ -173,14 +173,14 @@ def test_rendered_scenes_keep_images_scenes_and_the_chosen_caption_levels():
     from deepfusion_ref.data import RenderedScenes
 
     scenes = SceneDataset(10, 24, 24, seed=9, max_objects=2)
-    rendered = RenderedScenes(scenes, levels=[4, 1])
+    rendered = RenderedScenes(scenes, levels=[5, 2])  # caption levels, 1-based as everywhere
     for i in range(len(scenes)):
         item = scenes[i]
         assert torch.equal(rendered[i]["image"], item["image"]) and rendered[i]["scene"] == item["scene"]
         assert rendered[i]["captions"] == [item["captions"][4], item["captions"][1]]
     assert rendered.captions() == {c for i in range(10) for c in (scenes[i]["captions"][4], scenes[i]["captions"][1])}
     assert [it["captions"] for it in RenderedScenes(scenes).items] == [scenes[i]["captions"] for i in range(10)]
-    for bad in ([], [6], [-1], ["4"]):
+    for bad in ([], [7], [0], ["4"]):
         with pytest.raises(ValueError, match="levels"):
             RenderedScenes(scenes, levels=bad)
 
