@@ -7,6 +7,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.deepfusion_ref-installed
 SEED ?= 0
+# Seed 0 writes to demo_output/, another seed to demo_output/seed<N>/: a run resumes from its own checkpoints only.
+DEMO_DIR := $(if $(filter 0,$(SEED)),demo_output,demo_output/seed$(SEED))
 
 .PHONY: install demo test bench export
 
@@ -17,13 +19,13 @@ $(STAMP): settings.ini setup.py pyproject.toml tools/install.sh $(shell find csr
 install: $(STAMP)
 
 demo: $(STAMP)
-	mkdir -p demo_output
-	$(BIN)/papermill nbs/pipelines/quickstart.ipynb demo_output/quickstart.ipynb \
-		-p out_dir demo_output -p image_size 24 -p patch_size 3 -p width 128 -p depth 4 -p num_heads 4 -p ffn mix \
+	mkdir -p $(DEMO_DIR)
+	$(BIN)/papermill nbs/pipelines/quickstart.ipynb $(DEMO_DIR)/quickstart.ipynb \
+		-p out_dir $(DEMO_DIR) -p image_size 24 -p patch_size 3 -p width 128 -p depth 4 -p num_heads 4 -p ffn mix \
 		-p batch_size 32 -p lr 0.002 -p warmup_steps 100 -p steps 7000 -p decay_steps 2100 -p ema_decay 0.99 \
 		-p train_scenes 4000 -p n_eval 64 -p sample_steps 18 -p guidance_scale 3.0 -p p_mean -0.6 -p pooled_text True \
 		-p progress True -p results_json docs/results/quickstart_seed$(SEED).json -p seed $(SEED) $(DEMO_ARGS)
-	@echo "demo: wrote demo_output/samples.png, loss.png, metrics.json, pipeline/ and the executed notebook"
+	@echo "demo: wrote $(DEMO_DIR)/samples.png, loss.png, metrics.json, pipeline/ and the executed notebook"
 
 test: $(STAMP)
 	VENV=$(VENV) bash tools/test.sh

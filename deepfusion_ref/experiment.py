@@ -492,10 +492,11 @@ def _training_config(pipeline_dir) -> dict | None:
 def held_out_samples(pipeline, n: int = 32, seed: int | None = None, level: int = 5, steps: int = 18,
                      guidance: float = 3.0, thresholding: str | None = None, batch_size: int = 16,
                      max_objects: int | None = None, device: str = "cpu", progress: bool = True,
-                     training: dict | None = None) -> dict:
+                     training: dict | None = None, percentile: float = 0.995) -> dict:
     """Images [N, 3, H, W] in [0, 1] of a pipeline (or a saved pipeline's folder) for the captions of `level` (1..6) of
     `n` held-out scenes, with the items and settings. `seed`: the scenes' and noise seed, by default the training
-    scenes' seed + HELD_OUT_SEED_OFFSET (the training config comes from `training` or the folder's training_config.json)."""
+    scenes' seed + HELD_OUT_SEED_OFFSET (the training config comes from `training` or the folder's training_config.json);
+    `percentile`: dynamic thresholding's, when `thresholding="dynamic"`."""
     from deepfusion_ref.data import SceneDataset
     from deepfusion_ref.pipeline import Text2ImagePipeline
     from tqdm.auto import tqdm
@@ -524,13 +525,13 @@ def held_out_samples(pipeline, n: int = 32, seed: int | None = None, level: int 
     for start in tqdm(range(0, n, batch_size), disable=not progress, desc="eval"):
         chunk = slice(start, start + batch_size)
         images.append(pipe(prompts[chunk], height=height, width=width, num_inference_steps=steps,
-                           guidance_scale=guidance, thresholding=thresholding, latents=latents[chunk],
-                           output_type="pt", progress=False).images.cpu())
+                           guidance_scale=guidance, thresholding=thresholding, percentile=percentile,
+                           latents=latents[chunk], output_type="pt", progress=False).images.cpu())
     settings = {"pipeline": name, "n": n, "seed": seed, "level": level, "steps": steps, "guidance": guidance,
-                "thresholding": thresholding, "size": [height, width], "pairs": "consecutive" if level == 5 else "all"}
+                "thresholding": thresholding, "percentile": percentile, "size": [height, width], "pairs": "consecutive" if level == 5 else "all"}
     return {"images": torch.cat(images), "items": items, "prompts": prompts, "settings": settings}
 
-
+# %% ../nbs/13a_experiment.ipynb 31
 def score_held_out(samples: dict) -> tuple[dict, list[dict]]:
     """The alignment of `held_out_samples` with their own scenes (`aggregate`'s metrics), plus `floor` (the same images
     scored against the next prompt's scene), `ceiling` (the clean renders scored) and `saturation`; and the
@@ -552,7 +553,7 @@ def score_held_out(samples: dict) -> tuple[dict, list[dict]]:
     metrics["settings"] = samples["settings"]
     return metrics, scored
 
-
+# %% ../nbs/13a_experiment.ipynb 33
 def evaluate_pipeline(pipeline, n: int = 32, seed: int | None = None, level: int = 5, steps: int = 18,
                       guidance: float = 3.0, thresholding: str | None = None, batch_size: int = 16,
                       max_objects: int | None = None, out=None, report=None, device: str = "cpu",
