@@ -25,7 +25,7 @@ import yaml
 SECTIONS = ("seed", "out_dir", "data", "language_model", "model", "objective", "train")
 REQUIRED = ("out_dir", "data", "language_model", "model", "train")
 DATA_KINDS = ("scenes", "folder")
-NETWORK_CLASSES = ("DeepFusionDiT", "EfficientUNet", "UNet")
+NETWORK_CLASSES = ("DeepFusionDiT", "EfficientUNet", "UNet", "FluxDenoiser")
 # Trainer arguments the experiment supplies itself (the top-level seed and objective are the Trainer's).
 TRAINER_FILLED = ("self", "network", "language_model", "dataset", "seed", "objective", "run_config")
 TRAINING_CONFIG = "training_config.json"  # the config, saved beside the pipeline it produced
@@ -38,9 +38,10 @@ class ConfigError(ValueError):
 
 def network_classes() -> dict:
     from deepfusion_ref.dit import DeepFusionDiT
+    from deepfusion_ref.flux import FluxDenoiser
     from deepfusion_ref.unet import EfficientUNet, UNet
 
-    return {"DeepFusionDiT": DeepFusionDiT, "EfficientUNet": EfficientUNet, "UNet": UNet}
+    return {"DeepFusionDiT": DeepFusionDiT, "EfficientUNet": EfficientUNet, "UNet": UNet, "FluxDenoiser": FluxDenoiser}
 
 
 def _parameters(fn, exclude=()) -> dict:

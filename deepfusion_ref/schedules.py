@@ -357,6 +357,8 @@ def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096
 
 def image_seq_len(network: nn.Module, height: int, width: int) -> int:
     "How many image tokens a network sees for a (latent) size: what FLUX's resolution-dependent shift reads."
+    if hasattr(type(network), "image_seq_len"):  # a network that tokenises its own way (flux.FluxDenoiser: 2x2 packing)
+        return network.image_seq_len(height, width)
     patch = getattr(network, "config", {}).get("patch_size", 1)
     return (height // patch) * (width // patch)
 
@@ -382,7 +384,6 @@ class FlowX0(nn.Module):
     def forward(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
         t = as_sigma_batch(t, x, "t")
         return x - _per_sample(t, x) * self.velocity(x, t, cond).to(x.dtype)
-
 
 # %% ../nbs/03_schedules.ipynb 23
 class RectifiedFlow(Objective):

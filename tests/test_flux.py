@@ -1,0 +1,122 @@
+"FluxDenoiser: a diffusers FluxTransformer2DModel behind the package's network interface, trained and sampled as any network."
+import math
+
+import pytest
+import torch
+from diffusers import FluxPipeline, FluxTransformer2DModel
+
+from deepfusion_ref.cond import LayerStack
+from deepfusion_ref.flux import FluxDenoiser, image_ids, pack_latents, unpack_latents
+
+TINY = dict(num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=24,
+            pooled_projection_dim=16, axes_dims_rope=(2, 2, 4))
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from transformers.utils import logging as hf_logging
+
+    from deepfusion_ref.text import LanguageModel, packaged_minilm_path
+
+    hf_logging.disable_progress_bar()
+    return LanguageModel.from_pretrained(packaged_minilm_path(), max_length=32)
+
+
+def randomised(model):
+    torch.manual_seed(0)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 2, 2), (3, 16, 8, 6)])
+def test_packing_matches_diffusers(shape):
+    b, c, h, w = shape
+    x = torch.randn(shape)
+    packed = pack_latents(x)
+    assert torch.equal(packed, FluxPipeline._pack_latents(x, b, c, h, w))
+    assert torch.equal(unpack_latents(packed, h, w), x)
+    assert torch.equal(image_ids(h // 2, w // 2), FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu",
+                                                                                          torch.float32))
+    with pytest.raises(ValueError, match="even"):
+        pack_latents(torch.randn(1, 4, 3, 4))
+
+
+@pytest.mark.parametrize("guidance_embeds", [False, True])
+def test_forward_equals_the_transformer_called_by_hand(guidance_embeds):
+    flux = randomised(FluxDenoiser(transformer_config={**TINY, "guidance_embeds": guidance_embeds}, text_dim=20,
+                                   in_channels=4, guidance=4.0))
+    x, t = torch.randn(2, 4, 6, 4), torch.tensor([0.1, 0.7])
+    cond = LayerStack(torch.randn(3, 2, 5, 20), torch.ones(2, 5, dtype=torch.bool))
+    with torch.no_grad():
+        ours = flux(x, t, cond)
+        hidden = cond.hidden[-1]
+        out = flux.transformer(hidden_states=FluxPipeline._pack_latents(x, 2, 4, 6, 4),
+                               encoder_hidden_states=flux.connector(hidden),
+                               pooled_projections=flux.pooled_proj(hidden.mean(1)), timestep=t,
+                               img_ids=FluxPipeline._prepare_latent_image_ids(2, 3, 2, "cpu", torch.float32),
+                               txt_ids=torch.zeros(5, 3),
+                               guidance=torch.full((2,), 4.0) if guidance_embeds else None, return_dict=False)[0]
+    torch.testing.assert_close(ours, FluxPipeline._unpack_latents(out, 6, 4, vae_scale_factor=1))
+    flux.register_to_config(text_layer=0)  # the conditioning layer is selectable
+    with torch.no_grad():
+        first = flux(x, t, cond)
+    flux.register_to_config(text_layer=-1)
+    with torch.no_grad():
+        assert not torch.allclose(first, ours)
+        torch.testing.assert_close(flux(x, t, LayerStack(cond.hidden.flip(0), cond.mask)), first)
+
+
+def test_padding_is_masked_out():
+    flux = randomised(FluxDenoiser(transformer_config=TINY, text_dim=20, in_channels=3))
+    x, t = torch.randn(2, 3, 4, 4), torch.tensor([0.5, 0.2])
+    short = LayerStack(torch.randn(2, 2, 3, 20), torch.ones(2, 3, dtype=torch.bool))
+    padded = LayerStack(torch.cat([short.hidden, 5 * torch.randn(2, 2, 4, 20)], 2),
+                        torch.cat([short.mask, torch.zeros(2, 4, dtype=torch.bool)], 1))
+    with torch.no_grad():
+        torch.testing.assert_close(flux(x, t, padded), flux(x, t, short), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_configs_and_inputs_name_the_argument():
+    with pytest.raises(ValueError, match="transformer_config: in_channels"):
+        FluxDenoiser(transformer_config={**TINY, "in_channels": 8}, text_dim=20, in_channels=3)
+    with pytest.raises(ValueError, match="out_channels"):
+        FluxDenoiser(transformer_config={**TINY, "out_channels": 8}, text_dim=20, in_channels=3)
+    flux = FluxDenoiser(transformer_config=TINY, text_dim=20, in_channels=3)
+    cond = LayerStack(torch.randn(2, 1, 3, 20), torch.ones(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="x: expected 3 channels"):
+        flux(torch.randn(1, 4, 4, 4), torch.zeros(1), cond)
+    with pytest.raises(ValueError, match="cond: expected text width 20"):
+        flux(torch.randn(1, 3, 4, 4), torch.zeros(1), LayerStack(torch.randn(2, 1, 3, 8), cond.mask))
+
+
+def test_from_transformer_copies_config_and_weights():
+    transformer = randomised(FluxTransformer2DModel(in_channels=12, **TINY))
+    flux = FluxDenoiser.from_transformer(transformer, text_dim=20)
+    assert flux.config.in_channels == 3 and flux.config.transformer_config["num_single_layers"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(flux.transformer.state_dict().values(),
+                                                 transformer.state_dict().values()))
+
+
+def test_trains_with_rectified_flow_and_the_saved_pipeline_samples_the_same(minilm, tmp_path):
+    from deepfusion_ref.data import SceneDataset
+    from deepfusion_ref.pipeline import Text2ImagePipeline
+    from deepfusion_ref.schedules import image_seq_len
+    from deepfusion_ref.train import Trainer
+
+    torch.manual_seed(0)
+    flux = FluxDenoiser(transformer_config=TINY, text_dim=minilm.hidden_size, in_channels=3)
+    assert image_seq_len(flux, 16, 12) == 8 * 6  # 2x2 packing: what FLUX's resolution-dependent shift reads
+    trainer = Trainer(flux, minilm, SceneDataset(8, 16, 16, seed=0), steps=4, batch_size=2, progress=False,
+                      objective="flow", lr=1e-3)
+    history = trainer.fit()
+    assert len(history) == 4 and all(math.isfinite(m["loss"]) for m in history)
+    pipe = Text2ImagePipeline.from_trainer(trainer)
+    kwargs = dict(num_inference_steps=3, generator=torch.Generator().manual_seed(1), output_type="pt", progress=False)
+    images = pipe(["a red circle", "a blue star"], **kwargs).images
+    assert images.shape == (2, 3, 16, 16) and 0 <= images.min() and images.max() <= 1
+    pipe.save_pretrained(tmp_path / "pipe")
+    again = Text2ImagePipeline.from_pretrained(tmp_path / "pipe")
+    kwargs["generator"] = torch.Generator().manual_seed(1)
+    assert type(again.network) is FluxDenoiser
+    assert torch.equal(again(["a red circle", "a blue star"], **kwargs).images, images)
