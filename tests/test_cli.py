@@ -222,7 +222,7 @@ def test_installed_entry_point_and_module():
     assert done.returncode == 2 and "missing.yaml" in done.stderr
 
 
-@pytest.mark.parametrize("name", ["quickstart", "cascade_base", "image_folder"])
+@pytest.mark.parametrize("name", ["quickstart", "cascade_base", "image_folder", "qwen2vl_flux_lab"])
 def test_example_configs_load_and_train_a_few_steps(tmp_path, name):
     "Each config in configs/ is valid as written and trains 2 steps (on a shrunken copy: sizes and steps only)."
     from deepfusion_ref.experiment import Experiment

@@ -120,3 +120,27 @@ def test_trains_with_rectified_flow_and_the_saved_pipeline_samples_the_same(mini
     kwargs["generator"] = torch.Generator().manual_seed(1)
     assert type(again.network) is FluxDenoiser
     assert torch.equal(again(["a red circle", "a blue star"], **kwargs).images, images)
+
+
+def test_block_patterns_follow_the_reports_global_indices():
+    from deepfusion_ref.flux import flux_block_patterns
+
+    assert flux_block_patterns([0, 18, 19, 56]) == [
+        "net.transformer.transformer_blocks.0.*", "net.transformer.transformer_blocks.18.*",
+        "net.transformer.single_transformer_blocks.0.*", "net.transformer.single_transformer_blocks.37.*"]
+    assert flux_block_patterns([2], num_double=1, num_single=2, prefix="t") == ["t.single_transformer_blocks.1.*"]
+    for bad in ([57], [-1], [1.0], [True]):
+        with pytest.raises(ValueError, match="indices"):
+            flux_block_patterns(bad)
+
+
+def test_region_weights_by_hand():
+    from deepfusion_ref.flux import region_weights
+
+    w = region_weights(4, 8, centre=(0.5, 0.5), radius=0.5)  # centre cell (4, 2), radius 2 cells
+    expected = torch.tensor([[max(0.0, 1 - math.hypot(x - 4, y - 2) / 2) for x in range(8)] for y in range(4)])
+    torch.testing.assert_close(w, expected)
+    assert region_weights(3, 3, radius=10).min() > 0.9  # a large radius keeps everything
+    for bad, match in ((dict(centre=(0.5, -0.1)), "centre"), (dict(radius=-1), "radius")):
+        with pytest.raises(ValueError, match=match):
+            region_weights(4, 8, **bad)
