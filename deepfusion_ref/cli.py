@@ -159,8 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="executed notebook (default: ./<name>.out.ipynb)")
     p.add_argument("--cwd", default=None, help="the kernel's working folder")
     p.add_argument("--kernel", default=None, help="kernel name (default: the notebook's)")
-    return parser
 
+    p = commands.add_parser("convert", help="a .pt state dict (e.g. connector.pt) as .safetensors",
+                            description="Read a .pt/.pth state dict without running pickled code (weights_only) and "
+                            "write it as .safetensors, atomically and verified.")
+    p.add_argument("file")
+    p.add_argument("--out", default=None, help="default: the same name with .safetensors")
+    return parser
 
 # %% ../nbs/14_cli.ipynb 18
 def _run_command(args) -> int:
@@ -176,6 +181,10 @@ def _run_command(args) -> int:
                                     args.thresholding, args.batch_size, args.max_objects, args.out, args.report,
                                     args.device)
         print(json.dumps(metrics, indent=1))
+    elif args.command == "convert":
+        from deepfusion_ref.flux import convert_to_safetensors
+
+        print(convert_to_safetensors(args.file, args.out))
     elif args.command == "run":
         params = {key: parse_value(value) for key, value in args.parameter}
         params.update(dict(args.raw))

@@ -187,6 +187,25 @@ def test_eval_writes_aggregate_json_and_report(yaml_run, tmp_path, capsys):
     assert "seed of the training scenes" in capsys.readouterr().err
 
 
+def test_convert_writes_safetensors_and_names_a_bad_file(tmp_path, capsys):
+    "Qwen2VL-Flux's connector.pt (a DDP-saved state dict) converts once; a truncated file is one line naming it."
+    from safetensors.torch import load_file
+
+    state = {"module.linear.weight": torch.randn(8, 6), "module.linear.bias": torch.randn(8)}
+    torch.save(state, tmp_path / "connector.pt")
+    assert main(["convert", str(tmp_path / "connector.pt")]) == 0
+    out = tmp_path / "connector.safetensors"
+    assert capsys.readouterr().out.strip() == str(out)
+    converted = load_file(out)
+    assert converted.keys() == {"linear.weight", "linear.bias"}
+    assert torch.equal(converted["linear.weight"], state["module.linear.weight"])
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "connector.pt").read_bytes()[:64])
+    assert main(["convert", str(tmp_path / "cut.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "cut.pt: not a readable state dict" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "cut.safetensors").exists()
+
+
 def test_parse_value_reads_yaml_scalars():
     assert parse_value("3") == 3 and isinstance(parse_value("3"), int)
     assert parse_value("2.5e-1") == 0.25 and parse_value("1e-3") == 0.001
@@ -216,7 +235,7 @@ def test_installed_entry_point_and_module():
     assert script.exists(), "the console script is missing: pip install --no-build-isolation --no-deps -e ."
     done = subprocess.run([str(script), "--help"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert all(cmd in done.stdout for cmd in ("train", "sample", "eval", "run"))
+    assert all(cmd in done.stdout for cmd in ("train", "sample", "eval", "run", "convert"))
     done = subprocess.run([sys.executable, "-m", "deepfusion_ref.cli", "train", "--config", "missing.yaml"],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "missing.yaml" in done.stderr

@@ -144,3 +144,30 @@ def test_region_weights_by_hand():
     for bad, match in ((dict(centre=(0.5, -0.1)), "centre"), (dict(radius=-1), "radius")):
         with pytest.raises(ValueError, match=match):
             region_weights(4, 8, **bad)
+
+
+def test_published_connector_loads_and_bad_files_name_themselves(tmp_path):
+    from deepfusion_ref.flux import convert_to_safetensors, load_published_connector
+
+    flux = FluxDenoiser(transformer_config=TINY, text_dim=20, in_channels=3)
+    linear = torch.nn.Linear(20, 24)
+    torch.save({f"module.linear.{k}": v for k, v in linear.state_dict().items()}, tmp_path / "connector.pt")
+    load_published_connector(flux, tmp_path / "connector.pt")
+    cond = LayerStack(torch.randn(1, 2, 3, 20), torch.ones(2, 3, dtype=torch.bool))
+    with torch.no_grad():
+        torch.testing.assert_close(flux.connector(cond.hidden[-1]), linear(cond.hidden[-1]))
+    converted = convert_to_safetensors(tmp_path / "connector.pt", tmp_path / "c.safetensors")
+    fresh = FluxDenoiser(transformer_config=TINY, text_dim=20, in_channels=3)
+    load_published_connector(fresh, converted)
+    assert torch.equal(fresh.connector.branches[0][-1].bias, linear.bias)
+    torch.save({"linear.weight": torch.zeros(24, 16), "linear.bias": torch.zeros(24)}, tmp_path / "narrow.pt")
+    with pytest.raises(ValueError, match=r"narrow\.pt: expected the tensors .*\(24, 20\)"):
+        load_published_connector(flux, tmp_path / "narrow.pt")
+    torch.save({"linear.weight": torch.zeros(24, 20)}, tmp_path / "half.pt")
+    with pytest.raises(ValueError, match=r"half\.pt: expected"):
+        load_published_connector(flux, tmp_path / "half.pt")
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_published_connector(flux, tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="connector_kind='linear'"):
+        load_published_connector(FluxDenoiser(transformer_config=TINY, text_dim=20, in_channels=3,
+                                              connector_kind="mlp"), tmp_path / "connector.pt")
