@@ -41,7 +41,8 @@ def network_classes() -> dict:
     from deepfusion_ref.flux import FluxDenoiser
     from deepfusion_ref.unet import EfficientUNet, UNet
 
-    return {"DeepFusionDiT": DeepFusionDiT, "EfficientUNet": EfficientUNet, "UNet": UNet, "FluxDenoiser": FluxDenoiser}
+    return {"DeepFusionDiT": DeepFusionDiT, "EfficientUNet": EfficientUNet, "UNet": UNet,
+            "FluxDenoiser": FluxDenoiser}
 
 
 def _parameters(fn, exclude=()) -> dict:
@@ -496,8 +497,8 @@ def held_out_samples(pipeline, n: int = 32, seed: int | None = None, level: int 
                      training: dict | None = None, percentile: float = 0.995) -> dict:
     """Images [N, 3, H, W] in [0, 1] of a pipeline (or a saved pipeline's folder) for the captions of `level` (1..6) of
     `n` held-out scenes, with the items and settings. `seed`: the scenes' and noise seed, by default the training
-    scenes' seed + HELD_OUT_SEED_OFFSET (the training config comes from `training` or the folder's training_config.json);
-    `percentile`: dynamic thresholding's, when `thresholding="dynamic"`."""
+    scenes' seed + HELD_OUT_SEED_OFFSET (the training config comes from `training` or the folder's
+    training_config.json); `percentile`: dynamic thresholding's, when `thresholding="dynamic"`."""
     from deepfusion_ref.data import SceneDataset
     from deepfusion_ref.pipeline import Text2ImagePipeline
     from tqdm.auto import tqdm
@@ -529,7 +530,8 @@ def held_out_samples(pipeline, n: int = 32, seed: int | None = None, level: int 
                            guidance_scale=guidance, thresholding=thresholding, percentile=percentile,
                            latents=latents[chunk], output_type="pt", progress=False).images.cpu())
     settings = {"pipeline": name, "n": n, "seed": seed, "level": level, "steps": steps, "guidance": guidance,
-                "thresholding": thresholding, "percentile": percentile, "size": [height, width], "pairs": "consecutive" if level == 5 else "all"}
+                "thresholding": thresholding, "percentile": percentile, "size": [height, width],
+                "pairs": "consecutive" if level == 5 else "all"}
     return {"images": torch.cat(images), "items": items, "prompts": prompts, "settings": settings}
 
 # %% ../nbs/13a_experiment.ipynb 31
