@@ -754,7 +754,8 @@ def _trainer_fit(self, until: int | None = None, minutes: float | None = None, t
 
 @attach(Trainer, "_fit_loop")
 def _trainer_fit_loop(self, history: list, stop: int, start: float, first: int, minutes, timed_schedule: bool) -> None:
-    bar = tqdm(total=self.steps, initial=self.step, disable=not self.progress, desc="train")
+    # At most one redraw a second: a bar written into a log or an executed notebook stays small.
+    bar = tqdm(total=self.steps, initial=self.step, disable=not self.progress, desc="train", mininterval=1.0)
     micro_batches = self.micro_batches(self.step, stop)
     while self.step < stop:
         spent = self._budget_spent(start, minutes)
@@ -765,7 +766,7 @@ def _trainer_fit_loop(self, history: list, stop: int, start: float, first: int, 
         metrics = self.train_step([next(micro_batches) for _ in range(self.grad_accum)])
         history.append(metrics)
         bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", skipped=self.skipper.skipped)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", skipped=self.skipper.skipped, refresh=False)
         if self.metrics_file is not None and self.rank == 0:
             append_metrics(self.metrics_file, metrics)
         if self.checkpoint_dir is not None and self.checkpoint_every and self.step % self.checkpoint_every == 0:
