@@ -29,13 +29,18 @@ for bf16 in (False, True):
     torch.manual_seed(0)
     net = DeepFusionDiT(in_channels=3, patch_size=3, hidden_size=128, depth=4, num_heads=4, text_dim=lm.hidden_size,
                         num_llm_layers=lm.num_layers, ffn="mix", pooled_text=True)
-    trainer = Trainer(net, lm, train_set, steps=args.steps + 6, batch_size=32, lr=2e-3, weight_decay=0.0,
+    trainer = Trainer(net, lm, train_set, steps=args.steps + 9, batch_size=32, lr=2e-3, weight_decay=0.0,
                       ema_decay=0.99, bf16=bf16, progress=False, P_mean=-0.6)
     trainer.fit(until=5)
     trainer.fit(until=6)
     start = time.perf_counter()
-    trainer.fit()
+    trainer.fit(until=6 + args.steps)
     times[bf16] = (time.perf_counter() - start) / args.steps * 1000
+    if not bf16:  # how much of a float32 step its matrix products take: the floor an eager step cannot go below
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            trainer.fit()  # the last 3 steps
+        matmul_ms = sum(e.self_cpu_time_total for e in prof.key_averages()
+                        if e.key in ("aten::mm", "aten::addmm", "aten::bmm")) / 3 / 1000
     print(f"{'bfloat16' if bf16 else 'float32 '}: {times[bf16]:.0f} ms/step ({torch.get_num_threads()} threads)")
 print(f"bf16 / fp32 time: {times[True] / times[False]:.2f}x; native bf16 on this CPU: {fast_bf16('cpu')}")
 # FLOPs of a step: 3x the network's forward (the usual forward + backward estimate; FlopCounterMode's own count of the
@@ -55,3 +60,5 @@ achieved = flops / (times[False] / 1000)
 print(f"float32 step: {flops / 1e9:.1f} GFLOP, {achieved / 1e9:.0f} GFLOP/s = {achieved / peak:.0%} of this CPU's "
       f"1024^3 matmul rate ({peak / 1e9:.0f} GFLOP/s); at that rate 7,000 steps take at least "
       f"{7000 * flops / peak / 60:.0f} min")
+print(f"matrix products: {matmul_ms:.0f} ms of a float32 step (profiler, 3 steps); 7,000 steps in 10 minutes need "
+      f"{600_000 / 7000:.0f} ms per step")

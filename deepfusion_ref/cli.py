@@ -92,7 +92,7 @@ FLAGS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "num_
          "sampler": "--sampler", "prompt": "--prompt", "percentile": "--percentile"}
 TRAIN_HELP = """Train from a config; re-running the same command resumes. Config sections: seed, out_dir, data,
 language_model, model, objective, train (see nbs/13a_experiment.ipynb). Examples: configs/quickstart.yaml,
-configs/cascade.yaml, configs/image_folder.yaml."""
+configs/cascade_base.yaml, configs/image_folder.yaml, configs/qwen2vl_flux_lab.yaml."""
 
 
 def _as_flags(message: str) -> str:
@@ -100,7 +100,27 @@ def _as_flags(message: str) -> str:
         message = message.replace(f"{name} must", f"{flag} must").replace(f"{name}:", f"{flag}:")
     return message
 
+# %% ../nbs/14_cli.ipynb 17
+def _add_tool_commands(commands) -> None:
+    "The commands around training: `run` (a notebook under papermill) and `convert` (a .pt file to safetensors)."
+    p = commands.add_parser("run", help="execute a notebook with papermill",
+                            description="Execute a notebook with papermill, overriding its parameters cell.")
+    p.add_argument("notebook")
+    p.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                   help="a parameter, its value read as YAML (numbers, true/false, lists)")
+    p.add_argument("-r", "--raw", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                   help="a parameter passed as a raw string")
+    p.add_argument("--out", default=None, help="executed notebook (default: ./<name>.out.ipynb)")
+    p.add_argument("--cwd", default=None, help="the kernel's working folder")
+    p.add_argument("--kernel", default=None, help="kernel name (default: the notebook's)")
 
+    p = commands.add_parser("convert", help="a .pt state dict (e.g. connector.pt) as .safetensors",
+                            description="Read a .pt/.pth state dict without running pickled code (weights_only) and "
+                            "write it as .safetensors, atomically and verified.")
+    p.add_argument("file")
+    p.add_argument("--out", default=None, help="default: the same name with .safetensors")
+
+# %% ../nbs/14_cli.ipynb 19
 def build_parser() -> argparse.ArgumentParser:
     from deepfusion_ref.thresholding import THRESHOLDS  # light: no diffusers/transformers
 
@@ -149,25 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=None, help="side-by-side HTML report (a PNG beside it)")
     p.add_argument("--device", default="cpu")
 
-    p = commands.add_parser("run", help="execute a notebook with papermill",
-                            description="Execute a notebook with papermill, overriding its parameters cell.")
-    p.add_argument("notebook")
-    p.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
-                   help="a parameter, its value read as YAML (numbers, true/false, lists)")
-    p.add_argument("-r", "--raw", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
-                   help="a parameter passed as a raw string")
-    p.add_argument("--out", default=None, help="executed notebook (default: ./<name>.out.ipynb)")
-    p.add_argument("--cwd", default=None, help="the kernel's working folder")
-    p.add_argument("--kernel", default=None, help="kernel name (default: the notebook's)")
-
-    p = commands.add_parser("convert", help="a .pt state dict (e.g. connector.pt) as .safetensors",
-                            description="Read a .pt/.pth state dict without running pickled code (weights_only) and "
-                            "write it as .safetensors, atomically and verified.")
-    p.add_argument("file")
-    p.add_argument("--out", default=None, help="default: the same name with .safetensors")
+    _add_tool_commands(commands)
     return parser
 
-# %% ../nbs/14_cli.ipynb 18
+# %% ../nbs/14_cli.ipynb 22
 def _run_command(args) -> int:
     if args.command == "train":
         train(load_config(args.config), args.config, fallback=args.resume_fallback, branch_from=args.branch_from)

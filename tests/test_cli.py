@@ -1,6 +1,7 @@
 """The `deepfusion` command line: train from YAML/JSON (resume, identical results), config errors, sample, eval, run
 (papermill) and the installed entry point."""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -277,3 +278,5 @@ def test_train_help_names_the_sections_and_the_example_configs(capsys):
         main(["train", "--help"])
     text = capsys.readouterr().out
     assert "objective" in text and "configs/quickstart.yaml" in text and "language_model" in text
+    named = re.findall(r"configs/[\w.]+\.yaml", text)  # every example config it points at exists
+    assert named and all((Path(__file__).parents[1] / name).exists() for name in named)

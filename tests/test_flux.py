@@ -171,3 +171,20 @@ def test_published_connector_loads_and_bad_files_name_themselves(tmp_path):
     with pytest.raises(ValueError, match="connector_kind='linear'"):
         load_published_connector(FluxDenoiser(transformer_config=TINY, text_dim=20, in_channels=3,
                                               connector_kind="mlp"), tmp_path / "connector.pt")
+
+
+def test_gradient_checkpointing_reaches_the_transformer_and_keeps_the_gradients():
+    flux = randomised(FluxDenoiser(transformer_config=TINY, text_dim=20, in_channels=3)).train()
+    x, t = torch.randn(2, 3, 4, 4), torch.tensor([0.4, 0.6])
+    cond = LayerStack(torch.randn(1, 2, 3, 20), torch.ones(2, 3, dtype=torch.bool))
+
+    def grads():
+        flux.zero_grad()
+        flux(x, t, cond).square().sum().backward()
+        return [p.grad.clone() for p in flux.parameters()]
+
+    plain = grads()
+    flux.enable_gradient_checkpointing()
+    assert flux.transformer.gradient_checkpointing
+    for a, b in zip(plain, grads()):
+        torch.testing.assert_close(a, b)
