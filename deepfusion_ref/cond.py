@@ -4,8 +4,8 @@
 
 # %% auto 0
 __all__ = ['STRATEGIES', 'LayerStack', 'masked_mean', 'layer_map', 'gather_layers', 'PooledPrompt', 'LearnedNull',
-           'NullConditioned', 'timestep_embedding', 'concat_conditions', 'repeat_rows', 'codec_encode', 'codec_decode',
-           'attach']
+           'NullConditioned', 'timestep_embedding', 'concat_conditions', 'select_rows', 'repeat_rows', 'codec_encode',
+           'codec_decode', 'attach']
 
 # %% ../nbs/00_cond.ipynb 3
 import math
@@ -207,11 +207,17 @@ def concat_conditions(a, b):
     raise ValueError(f"cond and uncond must have the same structure, got {type(a).__name__} and {type(b).__name__}")
 
 
-def repeat_rows(stack: LayerStack, n: int) -> LayerStack:
-    "Each prompt's row `n` times in a row (num_images_per_prompt), without running the language model again."
-    rows = lambda t, dim: None if t is None else t.repeat_interleave(n, dim)  # noqa: E731
+def select_rows(stack: LayerStack, index) -> LayerStack:
+    "The rows `index` (a list or 1-D tensor of batch positions, repeats allowed) of a stack, in that order."
+    index = torch.as_tensor(index, dtype=torch.long, device=stack.mask.device)
+    rows = lambda t, dim: None if t is None else t.index_select(dim, index.to(t.device))  # noqa: E731
     return LayerStack(rows(stack.hidden, 1), rows(stack.mask, 0), rows(stack.pooled, 0), rows(stack.keys, 1),
                       rows(stack.values, 1), rows(stack.drop, 0))
+
+
+def repeat_rows(stack: LayerStack, n: int) -> LayerStack:
+    "Each prompt's row `n` times in a row (num_images_per_prompt), without running the language model again."
+    return select_rows(stack, torch.arange(stack.mask.shape[0]).repeat_interleave(n))
 
 
 # %% ../nbs/00_cond.ipynb 30
