@@ -4,9 +4,11 @@
 
 # %% auto 0
 __all__ = ['ENCODER_TYPES', 'T5_TYPES', 'KINDS', 'KEY_SUFFIXES', 'VALUE_SUFFIXES', 'SPECIAL_TOKENS', 'model_kind',
-           'kv_projections', 'packaged_minilm_path', 'LanguageModel', 'train_bpe_tokenizer', 'build_caption_lm']
+           'kv_projections', 'packaged_minilm_path', 'LanguageModel', 'train_bpe_tokenizer', 'build_caption_lm',
+           'image_tensor', 'build_vision_lm']
 
 # %% ../nbs/04_text.ipynb 3
+import hashlib
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -190,8 +192,10 @@ def _lm_tokenize(self, prompts: list[str]):
 # %% ../nbs/04_text.ipynb 17
 @attach(LanguageModel, "_forward")
 @torch.no_grad()
-def _lm_forward(self, prompts: list[str], images=None) -> list[LayerStack]:
+def _lm_forward(self, prompts: list[str], images=None, image_weights=None) -> list[LayerStack]:
     "One forward pass over a batch; a LayerStack per prompt at its real length."
+    if image_weights is not None and images is None:
+        raise ValueError("image_weights: scale the visual tokens of images, but no images were given")
     if images is None:
         enc, keep = self._tokenize(prompts)
         inputs = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
@@ -207,6 +211,8 @@ def _lm_forward(self, prompts: list[str], images=None) -> list[LayerStack]:
         for h in hooks:
             h.remove()
     states = torch.stack(states if self.include_embeddings else states[1:])  # [L, B, T, D]
+    if image_weights is not None:  # GridDot: every layer's visual tokens scaled, text tokens kept
+        states = states * self._image_token_weights(inputs, image_weights)[None, :, :, None].to(states)
     keys = torch.stack(captured["k"]) if self.capture_kv else None  # [L, B, T, D_kv]
     values = torch.stack(captured["v"]) if self.capture_kv else None
     stacks = []
@@ -218,50 +224,35 @@ def _lm_forward(self, prompts: list[str], images=None) -> list[LayerStack]:
                                  h[-1, 0].float().mean(0, keepdim=True).to(h.dtype), pick(keys), pick(values)))
     return stacks
 
-
-@attach(LanguageModel, "_add_images")
-def _lm_add_images(self, prompts, images):
-    "Qwen2-VL: each prompt is preceded by its image's visual tokens (vision_start, image_pad x n, vision_end)."
-    if self.kind != "qwen2_vl":
-        raise ValueError(f"images: only a Qwen2-VL model reads images, this one is {self.kind!r}")
-    if len(images) != len(prompts):
-        raise ValueError(f"images: need one image per prompt, got {len(images)} for {len(prompts)} prompts")
-    cfg = self.model.config
-    vis = self.image_processor(images=list(images), return_tensors="pt")
-    merge = self.image_processor.merge_size
-    counts = (vis["image_grid_thw"].prod(-1) // merge**2).tolist()
-    start, end, pad = (self.tokenizer.convert_ids_to_tokens(i) for i in
-                       (cfg.vision_start_token_id, cfg.vision_end_token_id, cfg.image_token_id))
-    texts = [start + pad * n + end + p for p, n in zip(prompts, counts)]
-    enc = self.tokenizer(texts, padding=True, return_tensors="pt")
-    ids = enc["input_ids"]
-    inputs = {"input_ids": ids, "attention_mask": enc["attention_mask"],
-              "mm_token_type_ids": (ids == cfg.image_token_id).long(),
-              "pixel_values": vis["pixel_values"].to(self.dtype), "image_grid_thw": vis["image_grid_thw"]}
-    return {k: v.to(self.device) for k, v in inputs.items()}, enc["attention_mask"].bool()
-
 # %% ../nbs/04_text.ipynb 20
 @attach(LanguageModel, "_key")
-def _lm_key(self, prompt: str):
-    return (prompt, self.max_length, self.template, self.include_embeddings, self.capture_kv)
+def _lm_key(self, prompt: str, image=None):
+    "The cache key of a prompt (and its image: a digest of the float pixels the model reads)."
+    digest = None if image is None else hashlib.sha1(image.numpy().tobytes()).hexdigest() + str(tuple(image.shape))
+    return (prompt, digest, self.max_length, self.template, self.include_embeddings, self.capture_kv)
 
 
 @attach(LanguageModel, "encode")
-def _lm_encode(self, prompts: str | list[str], images=None) -> LayerStack:
-    "The LayerStack of a batch of prompts (a str is a batch of one); cached per prompt unless images are given."
+def _lm_encode(self, prompts: str | list[str], images=None, image_weights=None) -> LayerStack:
+    "The LayerStack of a batch of prompts (a str is a batch of one), each after its image if `images` are given."
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompts must be a string or a non-empty list of strings, got {prompts!r}")
     if images is not None:
-        return LayerStack.stack(self._forward(prompts, images))
-    missing = list(dict.fromkeys(p for p in prompts if self._key(p) not in self._cache))
-    groups = [[p] for p in missing] if self.batch_invariant else ([missing] if missing else [])
+        images = self._check_images(prompts, images)
+    if image_weights is not None:
+        return LayerStack.stack(self._forward(prompts, images, image_weights))
+    pairs = list(zip(prompts, images if images is not None else [None] * len(prompts)))
+    keys = [self._key(p, im) for p, im in pairs]
+    missing = list({k: pair for k, pair in zip(keys, pairs) if k not in self._cache}.items())
+    groups = [[m] for m in missing] if self.batch_invariant else ([missing] if missing else [])
     for group in groups:
-        for p, s in zip(group, self._forward(group)):
-            self._cache[self._key(p)] = s
-    for p in prompts:
-        self._cache.move_to_end(self._key(p))
-    result = LayerStack.stack([self._cache[self._key(p)] for p in prompts])
+        texts, ims = [pair[0] for _, pair in group], [pair[1] for _, pair in group]
+        for (key, _), s in zip(group, self._forward(texts, None if images is None else ims)):
+            self._cache[key] = s
+    for key in keys:
+        self._cache.move_to_end(key)
+    result = LayerStack.stack([self._cache[key] for key in keys])
     while len(self._cache) > self.cache_size:
         self._cache.popitem(last=False)
     return result
@@ -295,11 +286,45 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int = 512, add_bos: bool =
     return fast
 
 
+def _fit_causal_lm(model, tokenizer, captions: list[str], steps: int, batch_size: int, lr: float, max_length: int,
+                   seed: int, progress: bool, desc: str) -> list[float]:
+    "Next-token prediction on random batches of `captions` (AdamW, one-cycle LR); the per-step losses."
+    from tqdm.auto import tqdm
+
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in tqdm(range(steps), disable=not progress, desc=desc):
+        batch = [captions[i] for i in torch.randint(len(captions), (batch_size,), generator=g).tolist()]
+        enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        loss = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def _save_lm(out_dir, model, tokenizer, losses: list[float], image_processor=None) -> Path:
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    if image_processor is not None:
+        image_processor.save_pretrained(out_dir)
+    (out_dir / "train_losses.txt").write_text("\n".join(f"{v:.5f}" for v in losses))
+    return out_dir
+
+
 def build_caption_lm(captions: list[str], out_dir, vocab_size: int = 512, layers: int = 4, dim: int = 128,
                      heads: int = 4, steps: int = 300, batch_size: int = 32, lr: float = 3e-3, max_length: int = 64,
                      seed: int = 0, progress: bool = True) -> Path:
     "Train a BPE tokenizer and a small LlamaForCausalLM on `captions`; save both to `out_dir` and return it."
-    from tqdm.auto import tqdm
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if not captions:
@@ -311,24 +336,123 @@ def build_caption_lm(captions: list[str], out_dir, vocab_size: int = 512, layers
                          max_position_embeddings=max_length, tie_word_embeddings=True,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(config).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
-    g = torch.Generator().manual_seed(seed)
-    losses = []
-    for _ in tqdm(range(steps), disable=not progress, desc="caption LM"):
-        batch = [captions[i] for i in torch.randint(len(captions), (batch_size,), generator=g).tolist()]
-        enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        loss = model(**enc, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-    out_dir = Path(out_dir)
-    model.eval().save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    (out_dir / "train_losses.txt").write_text("\n".join(f"{v:.5f}" for v in losses))
-    return out_dir
+    model = LlamaForCausalLM(config)
+    losses = _fit_causal_lm(model, tokenizer, captions, steps, batch_size, lr, max_length, seed, progress,
+                            "caption LM")
+    return _save_lm(out_dir, model, tokenizer, losses)
+
+# %% ../nbs/04_text.ipynb 29
+def image_tensor(image, name: str = "image") -> torch.Tensor:
+    "A reference image as floats [3, H, W] in [0, 1], from PIL, a tensor [3, H, W] or a numpy array [H, W, 3]."
+    import numpy as np
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(f"{name}: a numpy image must be [H, W, 3], got shape {image.shape}")
+        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"{name}: expected a PIL image, a tensor [3, H, W] or a numpy array [H, W, 3], "
+                        f"got {type(image).__name__}")
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"{name}: a tensor image must be [3, H, W], got shape {tuple(image.shape)}")
+    if image.dtype == torch.uint8:
+        return image.float().div(255)
+    if not image.is_floating_point():
+        raise TypeError(f"{name}: expected float values in [0, 1] or uint8, got {image.dtype}")
+    image = image.detach().float().cpu()
+    if image.min() < 0 or image.max() > 1:
+        raise ValueError(f"{name}: float pixels must lie in [0, 1], got [{image.min():.3g}, {image.max():.3g}] "
+                         f"(map an image in [-1, 1] with (x + 1) / 2)")
+    return image
+
+
+@attach(LanguageModel, "_check_images")
+def _lm_check_images(self, prompts: list[str], images) -> list[torch.Tensor]:
+    "One image per prompt, each as floats in [0, 1] at least one merged patch on a side."
+    if self.kind != "qwen2_vl":
+        raise ValueError(f"images: only a Qwen2-VL model reads images, this one is {self.kind!r}")
+    if not isinstance(images, (list, tuple)) or len(images) != len(prompts):
+        n = len(images) if isinstance(images, (list, tuple)) else type(images).__name__
+        raise ValueError(f"images: need a list of one image per prompt, got {n} for {len(prompts)} prompts")
+    tensors = [image_tensor(im, f"images[{i}]") for i, im in enumerate(images)]
+    side = self.image_processor.patch_size * self.image_processor.merge_size
+    for i, t in enumerate(tensors):
+        if min(t.shape[1:]) < side:
+            raise ValueError(f"images[{i}]: at least {side} x {side} pixels needed (patch_size x merge_size), "
+                             f"got {t.shape[1]} x {t.shape[2]}")
+    return tensors
+
+
+@attach(LanguageModel, "_add_images")
+def _lm_add_images(self, prompts, images):
+    "Qwen2-VL: each prompt is preceded by its image's visual tokens (vision_start, image_pad x n, vision_end)."
+    cfg = self.model.config
+    vis = self.image_processor(images=list(images), do_rescale=False, return_tensors="pt")
+    merge = self.image_processor.merge_size
+    counts = (vis["image_grid_thw"].prod(-1) // merge**2).tolist()
+    start, end, pad = (self.tokenizer.convert_ids_to_tokens(i) for i in
+                       (cfg.vision_start_token_id, cfg.vision_end_token_id, cfg.image_token_id))
+    texts = [start + pad * n + end + p for p, n in zip(prompts, counts)]
+    enc = self.tokenizer(texts, padding=True, return_tensors="pt")
+    ids = enc["input_ids"]
+    inputs = {"input_ids": ids, "attention_mask": enc["attention_mask"],
+              "mm_token_type_ids": (ids == cfg.image_token_id).long(),
+              "pixel_values": vis["pixel_values"].to(self.dtype), "image_grid_thw": vis["image_grid_thw"]}
+    return {k: v.to(self.device) for k, v in inputs.items()}, enc["attention_mask"].bool()
+
+
+@attach(LanguageModel, "_image_token_weights")
+def _lm_image_token_weights(self, inputs: dict, image_weights) -> torch.Tensor:
+    "[B, T] multipliers: each image's grid of weights on its visual tokens (row-major), 1 on every other token."
+    ids, merge = inputs["input_ids"].cpu(), self.image_processor.merge_size
+    scale = torch.ones(ids.shape)
+    for b, (_, grid_h, grid_w) in enumerate(inputs["image_grid_thw"].tolist()):
+        grid_h, grid_w = grid_h // merge, grid_w // merge
+        w = image_weights(grid_h, grid_w) if callable(image_weights) else image_weights
+        w = torch.as_tensor(w, dtype=torch.float32).cpu()
+        if tuple(w.shape) != (grid_h, grid_w):
+            raise ValueError(f"image_weights: image {b} has a {grid_h} x {grid_w} grid of visual tokens, "
+                             f"got weights of shape {tuple(w.shape)}")
+        scale[b, ids[b] == self.model.config.image_token_id] = w.flatten()
+    return scale
+
+# %% ../nbs/04_text.ipynb 31
+def build_vision_lm(captions: list[str], out_dir, image_size: int = 16, patch_size: int = 2, vocab_size: int = 512,
+                    layers: int = 4, dim: int = 64, heads: int = 4, vision_depth: int = 2, steps: int = 300,
+                    batch_size: int = 32, lr: float = 3e-3, max_length: int = 64, seed: int = 0,
+                    progress: bool = True) -> Path:
+    "A BPE tokenizer, a small Qwen2VLForConditionalGeneration (text half trained on `captions`), an image processor."
+    import transformers
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    if not captions:
+        raise ValueError("captions must be a non-empty list of strings")
+    half = dim // heads // 2  # multimodal RoPE: each head's rotary pairs split over (time, height, width)
+    if dim % heads or half < 3:
+        raise ValueError(f"dim / heads must be an even head width of at least 6, got dim={dim}, heads={heads}")
+    if image_size % (2 * patch_size):
+        raise ValueError(f"image_size must be a multiple of 2 * patch_size = {2 * patch_size}, got {image_size}")
+    torch.manual_seed(seed)
+    tokenizer = train_bpe_tokenizer(captions, vocab_size, add_bos=True, add_eos=True)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS[3:]}
+    sections = [half - 2 * (half // 4), half // 4, half // 4]
+    text = dict(vocab_size=len(tokenizer), hidden_size=dim, intermediate_size=dim * 8 // 3, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=heads, tie_word_embeddings=True,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": sections},
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    vision = dict(depth=vision_depth, embed_dim=dim, hidden_size=dim, num_heads=heads, patch_size=patch_size,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    config = transformers.Qwen2VLConfig(text_config=text, vision_config=vision,
+                                        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                                        vision_start_token_id=ids["<|vision_start|>"],
+                                        vision_end_token_id=ids["<|vision_end|>"])
+    model = transformers.Qwen2VLForConditionalGeneration(config)
+    losses = _fit_causal_lm(model, tokenizer, captions, steps, batch_size, lr, max_length, seed, progress,
+                            "vision LM (text)")
+    processor = Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=2, temporal_patch_size=2,
+                                         min_pixels=image_size**2, max_pixels=image_size**2)
+    return _save_lm(out_dir, model, tokenizer, losses, processor)
