@@ -352,7 +352,8 @@ def image_tensor(image, name: str = "image") -> torch.Tensor:
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[-1] != 3:
             raise ValueError(f"{name}: a numpy image must be [H, W, 3], got shape {image.shape}")
-        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        image = torch.from_numpy(np.array(image))  # a copy: PIL's arrays are read-only
+        image = image.permute(2, 0, 1)
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"{name}: expected a PIL image, a tensor [3, H, W] or a numpy array [H, W, 3], "
                         f"got {type(image).__name__}")

@@ -206,3 +206,58 @@ def test_build_caption_lm_learns_and_loads(tmp_path):
     assert losses[-1] < 0.6 * losses[0]
     lm = LanguageModel.from_pretrained(path)
     assert lm.kind == "causal" and lm.num_layers == 2 and lm.encode(CAPTIONS[:4]).hidden.shape[:2] == (2, 4)
+
+
+def test_qwen2_vl_image_weights_scale_the_visual_grid(tiny_models):
+    from deepfusion_ref.text import image_tensor
+
+    lm = LanguageModel.from_pretrained(tiny_models["qwen2_vl"])
+    image = torch.rand(3, 56, 56, generator=torch.Generator().manual_seed(0))
+    grid = lm.image_processor(images=[image], do_rescale=False, return_tensors="pt")["image_grid_thw"][0]
+    gh, gw = (int(n) // lm.image_processor.merge_size for n in grid[1:])
+    plain = lm.encode(["a star"], images=[image])
+    ones = lm.encode(["a star"], images=[image], image_weights=torch.ones(gh, gw))
+    torch.testing.assert_close(ones.hidden, plain.hidden, rtol=0, atol=0)
+    silent = lm.encode(["a star"], images=[image], image_weights=torch.zeros(gh, gw))
+    visual = silent.hidden[:, 0].abs().sum((0, 2)) == 0  # exactly the visual tokens are silenced
+    assert int(visual.sum()) == gh * gw
+    weights = torch.rand(gh, gw, generator=torch.Generator().manual_seed(1))
+    scaled = lm.encode(["a star"], images=[image], image_weights=lambda h, w: weights)
+    torch.testing.assert_close(scaled.hidden[:, 0, visual],  # row-major over the merged grid, every layer
+                               plain.hidden[:, 0, visual] * weights.reshape(1, -1, 1))
+    torch.testing.assert_close(scaled.hidden[:, 0, ~visual], plain.hidden[:, 0, ~visual], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="image_weights"):
+        lm.encode(["a star"], images=[image], image_weights=torch.ones(gh + 1, gw))
+    with pytest.raises(ValueError, match="image_weights"):
+        lm.encode(["a star"], image_weights=torch.ones(gh, gw))
+    # the processor sees the float pixels themselves: a uint8 image equals its float / 255
+    as_uint8 = (image * 255).round().to(torch.uint8)
+    torch.testing.assert_close(lm.encode(["a star"], images=[as_uint8]).hidden,
+                               lm.encode(["a star"], images=[as_uint8.float() / 255]).hidden)
+    assert torch.equal(image_tensor(as_uint8), image_tensor(as_uint8.permute(1, 2, 0).numpy()))
+
+
+@pytest.mark.parametrize("bad, error", [(lambda im: im * 2 - 1, "x \\+ 1"), (lambda im: im[:, :8, :8], "pixels"),
+                                        (lambda im: "image.png", "PIL"), (lambda im: im[0], r"\[3, H, W\]"),
+                                        (lambda im: im.to(torch.int32), "uint8")])
+def test_qwen2_vl_bad_images_are_named(tiny_models, bad, error):
+    lm = LanguageModel.from_pretrained(tiny_models["qwen2_vl"])
+    image = torch.rand(3, 56, 56)
+    with pytest.raises((TypeError, ValueError), match=f"images\\[1\\].*{error}"):
+        lm.encode(["a star", "a circle"], images=[image, bad(image)])
+
+
+def test_qwen2_vl_cache_is_keyed_by_prompt_and_image(tiny_models):
+    lm = LanguageModel.from_pretrained(tiny_models["qwen2_vl"])
+    a, b = torch.rand(3, 56, 56), torch.rand(3, 56, 56)
+    calls = []
+    hook = lm.model.register_forward_hook(lambda *args: calls.append(1))
+    first = lm.encode(["a star", "a star"], images=[a, b])
+    again = lm.encode(["a star", "a star"], images=[a, b])
+    n_first = len(calls)  # one pass, or one per distinct pair where padding could change the states
+    lm.encode(["a star"], images=[a.clone()])  # equal pixels: the same key
+    assert len(calls) == n_first and torch.equal(first.hidden, again.hidden)
+    lm.encode(["a star"], images=[a.flip(-1)])  # other pixels: a new pass
+    hook.remove()
+    assert len(calls) == n_first + 1
+    assert not torch.allclose(first.hidden[-1, 0], first.hidden[-1, 1])  # two images, two encodings
