@@ -28,7 +28,7 @@ from torch import nn
 
 from .files import DamagedError, FolderLock, is_complete, recover_folders, replace_folder, temporary_folder, verify_manifest, write_manifest
 from .data import StepBatches
-from .cond import LayerStack, LearnedNull, attach, NullConditioned, codec_decode, codec_encode  # noqa: F401
+from .cond import LayerStack, LearnedNull, attach, NullConditioned, codec_decode, select_rows, codec_encode  # noqa: F401
 
 # %% ../nbs/11_train.ipynb 5
 NO_DECAY_MODULES = (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.BatchNorm1d, nn.BatchNorm2d)
@@ -437,7 +437,7 @@ class Trainer:
 
     def __init__(self, network: nn.Module, language_model, dataset, steps: int, batch_size: int = 16,
                  lr: float = 1e-4, betas=(0.9, 0.95), weight_decay: float = 0.1, warmup_steps: int = 0,
-                 decay_steps: int = 0, cond_drop_prob: float = 0.1, learned_null: bool = True,
+                 decay_steps: int = 0, cond_drop_prob: float = 0.1, image_cond_prob: float = 0.0, learned_null: bool = True,
                  ema_decay: float = 0.999, ema_warmup: bool = True, spike_factor: float = 5.0, grad_clip: float | None = 1.0,
                  checkpoint_dir=None, checkpoint_every: int = 0, keep: int = 3, metrics_file=None, seed: int = 0,
                  device="cpu", progress: bool = True, grad_accum: int = 1, bf16: bool | None = None, stages=None,
@@ -453,6 +453,11 @@ class Trainer:
             raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
         if type(network).__module__ == "deepfusion_ref.schedules":  # EDMPrecond or Prediction: already wrapped
             raise ValueError(f"network: pass the raw network; the objective wraps it (got {type(network).__name__})")
+        if not 0 <= image_cond_prob <= 1:
+            raise ValueError(f"image_cond_prob must be in [0, 1], got {image_cond_prob}")
+        if image_cond_prob and getattr(language_model, "kind", None) != "qwen2_vl":
+            raise ValueError(f"image_cond_prob={image_cond_prob} conditions rows on their own image: the language model "
+                             f"must be a Qwen2-VL (kind 'qwen2_vl'), got {getattr(language_model, 'kind', None)!r}")
         if sample_every and not (sample_prompts and sample_dir):
             raise ValueError("sample_every needs sample_prompts (a list of prompts) and sample_dir")
         # The objective wraps the network into what it trains (EDM's preconditioned denoiser, a velocity or a noise
@@ -464,7 +469,7 @@ class Trainer:
         # A frozen latent codec (diffusers AutoencoderKL): the denoiser then learns its latents, not pixels.
         self.codec = None if codec is None else codec.to(device).eval().requires_grad_(False)
         self.steps, self.batch_size, self.seed, self.device = steps, batch_size, seed, device
-        self.grad_clip, self.grad_accum = grad_clip, grad_accum
+        self.grad_clip, self.grad_accum, self.image_cond_prob = grad_clip, grad_accum, image_cond_prob
         self.bf16 = fast_bf16(device) if bf16 is None else bf16  # autocast where bf16 is native
         self.stages = sorted(stages or [], key=lambda s: s[0])  # [(first_step, patterns), ...]
         self.sample_every, self.sample_prompts, self.sample_steps = sample_every, list(sample_prompts or []), sample_steps
@@ -526,12 +531,35 @@ def _set_drop(self, p: float) -> None:
 Trainer.cond_drop_prob = property(_get_drop, _set_drop, doc="Probability that a caption is dropped (the batches' own).")
 
 
+@attach(Trainer, "image_rows")
+def _trainer_image_rows(self, step: int, prompts: list[str]) -> torch.Tensor:
+    """Rows of micro-step `step` conditioned on their own image (image variation), a function of (seed, step): each
+    kept caption with probability `image_cond_prob`; a dropped row stays unconditional."""
+    if not self.image_cond_prob:
+        return torch.zeros(len(prompts), dtype=torch.bool)
+    g = torch.Generator().manual_seed(self.seed * 15_485_863 + step)
+    chosen = torch.rand(len(prompts), generator=g) < self.image_cond_prob
+    return chosen & torch.tensor([p != "" for p in prompts])
+
+
 @attach(Trainer, "encode")
-def _trainer_encode(self, prompts: list[str]) -> LayerStack:
-    "The condition of a batch: the LLM's stacks, dropped rows ('') marked for the learned null."
-    cond = self.lm.encode(prompts).to(self.device)
+def _trainer_encode(self, prompts: list[str], images: torch.Tensor | None = None,
+                    image_rows: torch.Tensor | None = None) -> LayerStack:
+    """The condition of a batch: the LLM's stacks, dropped rows ('') marked for the learned null. Rows in
+    `image_rows` read their image (`images` in [-1, 1]) with the empty prompt instead of their caption."""
+    if image_rows is None or not image_rows.any():
+        cond = self.lm.encode(prompts).to(self.device)
+    else:
+        text, seen = (~image_rows).nonzero().flatten(), image_rows.nonzero().flatten()
+        pixels = ((images[seen].detach().float().cpu() + 1) / 2).clamp(0, 1)  # the VLM reads [0, 1]
+        parts = [self.lm.encode([""] * len(seen), images=list(pixels))]
+        if len(text):
+            parts.insert(0, self.lm.encode([prompts[i] for i in text]))
+        order = torch.cat([text, seen]).argsort()  # back to the batch's own row order
+        cond = select_rows(LayerStack.stack(parts), order).to(self.device)
     if self.null is not None:
-        cond.drop = torch.tensor([p == "" for p in prompts], device=self.device)
+        cond.drop = torch.tensor([p == "" and not (image_rows is not None and bool(image_rows[i]))
+                                  for i, p in enumerate(prompts)], device=self.device)
     return cond
 
 @attach(Trainer, "_full_states")
@@ -547,7 +575,7 @@ def _trainer_full_states(self) -> tuple[dict, dict, dict]:
     ema["n_averaged"] = self.ema.n_averaged.detach().cpu()
     return model, ema, get_optimizer_state_dict(self.conditioned, self.optimizer, options=opts)
 
-# %% ../nbs/11_train.ipynb 41
+# %% ../nbs/11_train.ipynb 42
 @attach(Trainer, "save")
 def _trainer_save(self) -> Path | None:
     """Write a checkpoint of the current step (every rank must call it; rank 0 writes, and no rank returns before
@@ -627,7 +655,7 @@ def _trainer_load(self, path: Path) -> dict:
     set_optimizer_state_dict(self.conditioned, self.optimizer, optim, options=opts)
     return meta
 
-# %% ../nbs/11_train.ipynb 43
+# %% ../nbs/11_train.ipynb 44
 @attach(Trainer, "_apply_stage")
 def _trainer_apply_stage(self) -> None:
     current = [patterns for first, patterns in self.stages if first <= self.step]
@@ -644,16 +672,18 @@ def _trainer_train_step(self, micro_batches=None) -> dict:
     if micro_batches is None:
         micro_batches = [self.batches[self.step * self.grad_accum + m] for m in range(self.grad_accum)]
     for micro, (x0, prompts) in enumerate(micro_batches):  # micro-batches of one optimiser step
-        x0 = x0.to(self.device)
+        x0 = pixels = x0.to(self.device)  # the pixels are what an image-conditioned row's VLM reads
+        index = self.step * self.grad_accum + micro
         if self.codec is not None:
             with torch.no_grad():
                 x0 = codec_encode(self.codec, x0)
         # Times and noise of the global batch (every rank draws the same and takes its shard).
-        g = torch.Generator().manual_seed(self.seed * 7919 + self.step * self.grad_accum + micro)
+        g = torch.Generator().manual_seed(self.seed * 7919 + index)
         t = self.objective.training_times(x0.shape[0], g, self.image_seq_len(x0)).to(x0.device)
         noise = torch.randn(x0.shape, generator=g).to(x0.device)
         shard = slice(self.rank * len(prompts) // self.world, (self.rank + 1) * len(prompts) // self.world)
-        cond = self.encode(prompts[shard])
+        rows = self.image_rows(index, prompts)[shard]
+        cond = self.encode(prompts[shard], pixels[shard] if rows.any() else None, rows)
         with torch.autocast(torch.device(self.device).type, torch.bfloat16, enabled=self.bf16):
             loss = self.objective.loss(self.model, x0[shard], cond, t[shard], noise[shard])
             loss = loss / self.grad_accum
@@ -679,7 +709,7 @@ def _trainer_image_seq_len(self, x0: torch.Tensor) -> int:
 
     return image_seq_len(self.network, *x0.shape[-2:])
 
-# %% ../nbs/11_train.ipynb 45
+# %% ../nbs/11_train.ipynb 46
 @attach(Trainer, "ema_module", kind="property")
 def _trainer_ema_module(self) -> nn.Module:
     "The EMA weights' trained module (the objective's wrapper of the network), without the learned null."
@@ -704,7 +734,7 @@ def _trainer_sample(self, prompts: list[str], steps: int | None = None, guidance
                 guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
                 generator=torch.Generator().manual_seed(seed), output_type="pt", progress=self.progress).images
 
-# %% ../nbs/11_train.ipynb 47
+# %% ../nbs/11_train.ipynb 48
 @attach(Trainer, "micro_batches")
 def _trainer_micro_batches(self, first_step: int, stop: int):
     """The micro-batches of optimiser steps first_step..stop-1, in order: built in this process, or by `num_workers`

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from deepfusion_ref.train import (SpikeSkipper, latest_checkpoint, load_checkpoint, param_groups, save_checkpoint,
-                                  trapezoidal_lr)
+from deepfusion_ref.train import (SpikeSkipper, Trainer, latest_checkpoint, load_checkpoint, param_groups,
+                                  save_checkpoint, trapezoidal_lr)
 
 
 def make(seed=0):
@@ -464,3 +464,32 @@ def test_trainer_trains_on_aspect_buckets(minilm, tmp_path):
     assert shapes == {(16, 16), (12, 24)}
     history = trainer.fit()
     assert len(history) == 6 and all(math.isfinite(m["loss"]) for m in history)
+
+
+def test_image_cond_prob_rows_are_deterministic_and_read_their_image(tmp_path):
+    from deepfusion_ref.data import RenderedScenes, SceneDataset
+    from deepfusion_ref.text import LanguageModel, build_vision_lm, packaged_minilm_path
+
+    scenes = RenderedScenes(SceneDataset(8, 16, 16, seed=3))
+    captions = [c for i in range(8) for c in scenes[i]["captions"]]
+    vlm = LanguageModel.from_pretrained(build_vision_lm(captions, tmp_path / "vlm", layers=1, steps=3, progress=False))
+    make = lambda p, seed=0: Trainer(torch.nn.Conv2d(3, 3, 1), vlm, scenes, steps=2, batch_size=8,  # noqa: E731
+                                     image_cond_prob=p, seed=seed, progress=False)
+    trainer = make(0.5)
+    images, prompts = trainer.batch(1)
+    rows = trainer.image_rows(1, prompts)
+    assert torch.equal(rows, make(0.5).image_rows(1, prompts))  # a function of (seed, step)
+    assert not torch.equal(rows, make(0.5, seed=1).image_rows(1, prompts)) or rows.sum() in (0, 8)
+    assert not make(0.0).image_rows(1, prompts).any() and bool(make(1.0).image_rows(1, prompts).sum() ==
+                                                               sum(p != "" for p in prompts))
+    cond = trainer.encode(prompts, images, rows)
+    for i in range(len(prompts)):
+        alone = vlm.encode([""], images=[(images[i] + 1) / 2]) if rows[i] else vlm.encode([prompts[i]])
+        n = int(alone.mask.sum())
+        torch.testing.assert_close(cond.hidden[:, i, :n], alone.hidden[:, 0, :n])
+        assert bool(cond.drop[i]) == (prompts[i] == "" and not rows[i])
+    with pytest.raises(ValueError, match="image_cond_prob"):
+        Trainer(torch.nn.Conv2d(3, 3, 1), LanguageModel.from_pretrained(packaged_minilm_path()), scenes, steps=2,
+                image_cond_prob=0.5)
+    with pytest.raises(ValueError, match="image_cond_prob"):
+        make(1.5)
