@@ -22,7 +22,7 @@ from .files import MANIFEST, DamagedError, recover_folders, replace_folder, temp
 from .schedules import EDM, GuidedDenoiser, image_seq_len, make_objective, sample_objective
 from .thresholding import THRESHOLDS
 from .cond import LayerStack, LearnedNull, codec_decode, codec_encode, repeat_rows
-from .text import LanguageModel
+from .text import LanguageModel, image_tensor
 
 # %% ../nbs/12_pipeline.ipynb 5
 LM_SETTINGS = "deepfusion_language_model.json"
@@ -127,9 +127,9 @@ class Text2ImagePipeline:
         channels = self.network.config["in_channels"] if self.codec is None else self.codec.config.latent_channels
         return (channels, height // f, width // f)
 
-    def encode_prompt(self, prompts: list[str], negative: list[str] | None, images=None) -> tuple:
+    def encode_prompt(self, prompts: list[str], negative: list[str] | None, images=None, image_weights=None) -> tuple:
         "(cond, uncond) LayerStacks; the LLM runs once per distinct prompt (its cache)."
-        cond = self.language_model.encode(prompts, images=images)
+        cond = self.language_model.encode(prompts, images=images, image_weights=image_weights)
         if negative is not None:
             uncond = self.language_model.encode(negative)
         elif self.null is not None:
@@ -167,28 +167,57 @@ def _check_call(prompts, negative, num_inference_steps, guidance_scale, threshol
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
 
 
+def _reference_images(image, prompts: list[str]) -> list[torch.Tensor] | None:
+    "`image` (one for every prompt, or a list of one per prompt) as floats [3, H, W] in [0, 1]."
+    if image is None:
+        return None
+    if not isinstance(image, (list, tuple)):
+        return [image_tensor(image, "image")] * len(prompts)
+    if len(image) != len(prompts):
+        raise ValueError(f"image: need one image or a list of one per prompt ({len(prompts)}), got {len(image)}")
+    return [image_tensor(im, f"image[{i}]") for i, im in enumerate(image)]
+
+
+def _grid_weights(images, image_weights, region_centre, region_radius):
+    """GridDot's weights of the reference image's visual tokens: `image_weights` (a grid or a function of the grid's
+    size), or flux.region_weights around `region_centre` = (x, y) in [0, 1] with `region_radius`."""
+    if images is None and (image_weights is not None or region_centre is not None):
+        raise ValueError("image_weights / region_centre weight a reference image's visual tokens: pass image= too")
+    if region_centre is None:
+        return image_weights
+    if image_weights is not None:
+        raise ValueError("pass image_weights or region_centre, not both")
+    from deepfusion_ref.flux import region_weights
+
+    try:
+        region_weights(2, 2, region_centre, region_radius)  # checked now, not at the first encode
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"region_{err}") from None
+    return lambda grid_h, grid_w: region_weights(grid_h, grid_w, region_centre, region_radius)
+
+
 @torch.no_grad()
 def _call(self, prompt, negative_prompt=None, height: int | None = None, width: int | None = None,
           num_inference_steps: int = 18, guidance_scale: float = 3.0, thresholding: str | None = None,
           percentile: float = 0.995, sampler: str | None = None, generator: torch.Generator | None = None,
           num_images_per_prompt: int = 1, output_type: str = "pil", progress: bool = True, image=None,
-          latents: torch.Tensor | None = None, callback_on_step_end=None):
+          image_weights=None, region_centre=None, region_radius: float = 0.5, latents: torch.Tensor | None = None, callback_on_step_end=None):
     """Images in [0, 1] for `prompt` (str or list), as diffusers pipelines return them. `sampler`: 'heun' | 'euler'
     (None: the objective's own, Heun for EDM, Euler for flow and VP). `image`: reference image(s) for a Qwen2-VL
-    language model. `callback_on_step_end(pipe, i, t, {"latents": x})` runs after every step (t in the objective's
+    language model (PIL, tensor [3, H, W] in [0, 1] or uint8, numpy [H, W, 3]); `region_centre` = (x, y) and
+    `region_radius` (or a grid `image_weights`) weight its visual tokens, GridDot's region control. `callback_on_step_end(pipe, i, t, {"latents": x})` runs after every step (t in the objective's
     own time) and may return {"latents": replacement}. Returns ImagePipelineOutput."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     negative = None if negative_prompt is None else (
         [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt))
     _check_call(prompts, negative, num_inference_steps, guidance_scale, thresholding, sampler, output_type,
                 num_images_per_prompt)
-    images = None
-    if image is not None:
-        images = [image] * len(prompts) if not isinstance(image, (list, tuple)) else list(image)
+    images = _reference_images(image, prompts)
+    weights = _grid_weights(images, image_weights, region_centre, region_radius)
     height, width = height or self.sample_size[0], width or self.sample_size[1]
     shape = self.latent_shape(height, width)
     n = num_images_per_prompt
-    cond, uncond = (repeat_rows(s, n) for s in self.encode_prompt(prompts, negative, images))
+    cond, uncond = (repeat_rows(s, n) for s in self.encode_prompt(prompts, negative, images, weights))
     guided = GuidedDenoiser(self.denoiser, cond, uncond, guidance_scale, thresholding, percentile)
     timesteps = self.objective.timesteps(num_inference_steps, image_seq_len=image_seq_len(self.network, *shape[1:]))
     if latents is None:

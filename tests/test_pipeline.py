@@ -202,12 +202,34 @@ def test_qwen2_vl_reference_image_conditions_and_seed_varies(tiny_models):
     a = call(pipe, prompt, image=red, num_images_per_prompt=2, guidance_scale=1.0)
     assert seen == [1, 1]  # one run for the prompt with its image (two samples), one for the empty prompt
     b = call(pipe, prompt, image=noise, num_images_per_prompt=2, guidance_scale=1.0)
-    assert seen == [1, 1, 1]  # the empty prompt's stack is cached; prompts with images are not
+    assert seen == [1, 1, 1]  # the empty prompt's stack is cached; a new image is a new (prompt, image) key
     assert not torch.allclose(a, b)  # the reference image conditions generation ...
     assert not torch.allclose(a[0], a[1])  # ... while the seed varies the content
     assert torch.equal(a, call(pipe, prompt, image=red, num_images_per_prompt=2, guidance_scale=1.0))
     with pytest.raises(ValueError, match="images: only a Qwen2-VL model reads images"):
         LanguageModel.from_pretrained(tiny_models["llama"]).encode(prompt, images=[red])
+
+
+def test_qwen2_vl_region_control_weights_the_visual_tokens(tiny_models):
+    from deepfusion_ref.flux import region_weights
+
+    lm = LanguageModel.from_pretrained(tiny_models["qwen2_vl"], max_length=32)
+    pipe = Text2ImagePipeline(lm, tiny_dit(lm), "edm", sample_size=(8, 8))
+    image = torch.rand(3, 56, 56, generator=torch.Generator().manual_seed(0))
+    whole = call(pipe, "", image=image, guidance_scale=1.0)
+    left = call(pipe, "", image=image, region_centre=(0.2, 0.5), region_radius=0.4, guidance_scale=1.0)
+    as_grid = call(pipe, "", image=image, guidance_scale=1.0,
+                   image_weights=lambda gh, gw: region_weights(gh, gw, (0.2, 0.5), 0.4))
+    assert not torch.allclose(whole, left) and torch.equal(left, as_grid)  # the region is GridDot's grid
+    everywhere = call(pipe, "", image=image, region_centre=(0.5, 0.5), region_radius=100.0, guidance_scale=1.0)
+    torch.testing.assert_close(everywhere, whole, rtol=0, atol=0.02)  # weights ~1 over the grid: barely changed
+    for kwargs, match in ((dict(region_centre=(0.5, 0.5)), "image="), (dict(image=image * 2 - 1), "image: float"),
+                          (dict(image=image, region_centre=(0.5, 1.5)), "region_centre"),
+                          (dict(image=image, region_centre=(0.5, 0.5), region_radius=-1), "region_radius"),
+                          (dict(image=[image, image]), "image: need one"),
+                          (dict(image=image, region_centre=(0.5, 0.5), image_weights=torch.ones(2, 2)), "not both")):
+        with pytest.raises(ValueError, match=match):
+            pipe("", progress=False, **kwargs)
 
 
 def tiny_vae(latent_channels=16):
