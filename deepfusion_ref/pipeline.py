@@ -201,12 +201,14 @@ def _call(self, prompt, negative_prompt=None, height: int | None = None, width: 
           num_inference_steps: int = 18, guidance_scale: float = 3.0, thresholding: str | None = None,
           percentile: float = 0.995, sampler: str | None = None, generator: torch.Generator | None = None,
           num_images_per_prompt: int = 1, output_type: str = "pil", progress: bool = True, image=None,
-          image_weights=None, region_centre=None, region_radius: float = 0.5, latents: torch.Tensor | None = None, callback_on_step_end=None):
+          image_weights=None, region_centre=None, region_radius: float = 0.5, latents: torch.Tensor | None = None,
+          callback_on_step_end=None):
     """Images in [0, 1] for `prompt` (str or list), as diffusers pipelines return them. `sampler`: 'heun' | 'euler'
     (None: the objective's own, Heun for EDM, Euler for flow and VP). `image`: reference image(s) for a Qwen2-VL
     language model (PIL, tensor [3, H, W] in [0, 1] or uint8, numpy [H, W, 3]); `region_centre` = (x, y) and
-    `region_radius` (or a grid `image_weights`) weight its visual tokens, GridDot's region control. `callback_on_step_end(pipe, i, t, {"latents": x})` runs after every step (t in the objective's
-    own time) and may return {"latents": replacement}. Returns ImagePipelineOutput."""
+    `region_radius` (or a grid `image_weights`) weight its visual tokens, GridDot's region control.
+    `callback_on_step_end(pipe, i, t, {"latents": x})` runs after every step (t in the objective's own time) and may
+    return {"latents": replacement}. Returns ImagePipelineOutput."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     negative = None if negative_prompt is None else (
         [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt))
