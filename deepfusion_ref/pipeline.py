@@ -147,26 +147,6 @@ class Text2ImagePipeline:
         return codec_encode(self.codec, images)
 
 # %% ../nbs/12_pipeline.ipynb 11
-def _check_call(prompts, negative, num_inference_steps, guidance_scale, thresholding, sampler, output_type,
-                num_images_per_prompt) -> None:
-    "Every argument of a pipeline call checked up front, each error naming its argument."
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompts!r}")
-    if negative is not None and len(negative) != len(prompts):
-        raise ValueError(f"negative_prompt: need one per prompt ({len(prompts)}), got {len(negative)}")
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-    if sampler is not None and sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS} (or None: the objective's own), got {sampler!r}")
-    if thresholding is not None and thresholding not in THRESHOLDS:
-        raise ValueError(f"thresholding must be None or one of {THRESHOLDS}, got {thresholding!r}")
-    for name, value in (("num_inference_steps", num_inference_steps), ("num_images_per_prompt", num_images_per_prompt)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
-        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-
-
 def _reference_images(image, prompts: list[str]) -> list[torch.Tensor] | None:
     "`image` (one for every prompt, or a list of one per prompt) as floats [3, H, W] in [0, 1]."
     if image is None:
@@ -194,6 +174,27 @@ def _grid_weights(images, image_weights, region_centre, region_radius):
     except (TypeError, ValueError) as err:
         raise ValueError(f"region_{err}") from None
     return lambda grid_h, grid_w: region_weights(grid_h, grid_w, region_centre, region_radius)
+
+
+# %% ../nbs/12_pipeline.ipynb 13
+def _check_call(prompts, negative, num_inference_steps, guidance_scale, thresholding, sampler, output_type,
+                num_images_per_prompt) -> None:
+    "Every argument of a pipeline call checked up front, each error naming its argument."
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompts!r}")
+    if negative is not None and len(negative) != len(prompts):
+        raise ValueError(f"negative_prompt: need one per prompt ({len(prompts)}), got {len(negative)}")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+    if sampler is not None and sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS} (or None: the objective's own), got {sampler!r}")
+    if thresholding is not None and thresholding not in THRESHOLDS:
+        raise ValueError(f"thresholding must be None or one of {THRESHOLDS}, got {thresholding!r}")
+    for name, value in (("num_inference_steps", num_inference_steps), ("num_images_per_prompt", num_images_per_prompt)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
 
 
 @torch.no_grad()
@@ -247,7 +248,7 @@ def _call(self, prompt, negative_prompt=None, height: int | None = None, width: 
 
 Text2ImagePipeline.__call__ = _call
 
-# %% ../nbs/12_pipeline.ipynb 13
+# %% ../nbs/12_pipeline.ipynb 15
 PIPELINE_FILE = "pipeline.json"
 PIPELINE_KEYS = ("network_class", "objective", "sample_size", "null", "codec")
 
