@@ -26,6 +26,8 @@ class LayerStack:
     keys: torch.Tensor | None = None  # [L, B, T, D_kv]: each layer's own attention keys (capture_kv=True)
     values: torch.Tensor | None = None  # [L, B, T, D_kv]: ... and values, for `kv` fusion
     drop: torch.Tensor | None = None  # [B] bool: rows a learned null condition replaces (train.LearnedNull)
+    control: torch.Tensor | None = None  # [B, C, H, W]: a ControlNet's control map, in the network's input space
+    control_scale: float = 1.0  # what the ControlNet's residuals are multiplied by (controlnet_conditioning_scale)
 
     @property
     def num_layers(self) -> int:
@@ -37,7 +39,7 @@ class LayerStack:
         hidden = move(self.hidden)
         drop = None if self.drop is None else self.drop.to(hidden.device)
         return LayerStack(hidden, self.mask.to(hidden.device), move(self.pooled), move(self.keys), move(self.values),
-                          drop)
+                          drop, move(self.control), self.control_scale)
 
     def layers(self, indices) -> torch.Tensor:
         "The hidden states of the chosen layers, [len(indices), B, T, D] (checked by connector.gather_layers)."
@@ -63,7 +65,15 @@ class LayerStack:
         drop = None
         if any(s.drop is not None for s in items):  # a stack without a drop mask drops nothing
             drop = torch.cat([s.drop if s.drop is not None else s.mask.new_zeros(s.mask.shape[0]) for s in items])
-        return LayerStack(cat_layers("hidden"), mask, pooled, cat_layers("keys"), cat_layers("values"), drop)
+        has_control = [s.control is not None for s in items]
+        if any(has_control) and not all(has_control):  # guidance's uncond rows need the same control as cond's
+            raise ValueError("control: stacks joined on the batch must all carry a control map or none")
+        if len({s.control_scale for s in items}) > 1:
+            raise ValueError(f"control_scale: stacks joined on the batch must agree, got "
+                             f"{sorted({s.control_scale for s in items})}")
+        control = torch.cat([s.control for s in items]) if all(has_control) else None
+        return LayerStack(cat_layers("hidden"), mask, pooled, cat_layers("keys"), cat_layers("values"), drop, control,
+                          items[0].control_scale)
 
 # %% ../nbs/00_cond.ipynb 8
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -156,7 +166,8 @@ class LearnedNull(nn.Module):
         b = cond.mask.shape[0]
         if cond.drop.shape != (b,):
             raise ValueError(f"cond.drop must have shape ({b},), got {tuple(cond.drop.shape)}")
-        both = LayerStack.stack([_replace(cond, drop=None), self.stack(b).to(cond.hidden.dtype)])
+        both = LayerStack.stack([_replace(cond, drop=None, control=None, control_scale=1.0),
+                                 self.stack(b).to(cond.hidden.dtype)])
         drop = cond.drop.to(cond.mask.device)
 
         def pick(t, dim):  # rows [0, b) are the prompts, [b, 2b) the nulls
@@ -166,8 +177,9 @@ class LearnedNull(nn.Module):
             shape[dim] = b
             return torch.where(drop.view(shape), t.narrow(dim, b, b), t.narrow(dim, 0, b))
 
+        # a dropped caption keeps its row's control map: the null replaces the text only
         return LayerStack(pick(both.hidden, 1), pick(both.mask, 0), pick(both.pooled, 0), pick(both.keys, 1),
-                          pick(both.values, 1))
+                          pick(both.values, 1), control=cond.control, control_scale=cond.control_scale)
 
 
 class NullConditioned(nn.Module):
@@ -212,7 +224,7 @@ def select_rows(stack: LayerStack, index) -> LayerStack:
     index = torch.as_tensor(index, dtype=torch.long, device=stack.mask.device)
     rows = lambda t, dim: None if t is None else t.index_select(dim, index.to(t.device))  # noqa: E731
     return LayerStack(rows(stack.hidden, 1), rows(stack.mask, 0), rows(stack.pooled, 0), rows(stack.keys, 1),
-                      rows(stack.values, 1), rows(stack.drop, 0))
+                      rows(stack.values, 1), rows(stack.drop, 0), rows(stack.control, 0), stack.control_scale)
 
 
 def repeat_rows(stack: LayerStack, n: int) -> LayerStack:

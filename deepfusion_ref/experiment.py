@@ -431,6 +431,7 @@ class Experiment:
         self.config, self.source = json.loads(json.dumps(config, default=str)), source
         self.out_dir = Path(self.config["out_dir"])
         self._trainer = None
+        self._loaded = False  # the trainer holds a checkpoint's (or this process's trained) weights
 
     @classmethod
     def from_config(cls, config: dict, source: str = "config") -> "Experiment":
@@ -448,7 +449,11 @@ class Experiment:
         return self._trainer
 
     def pipeline(self):
-        "The Text2ImagePipeline of the trainer's EMA weights (None on ranks > 0 under FSDP)."
+        """The Text2ImagePipeline of the trainer's EMA weights (None on ranks > 0 under FSDP). A run not fitted in
+        this process is first resumed from its newest checkpoint: a finished run's pipeline, not its initial weights."""
+        if not self._loaded:
+            self.trainer.resume()
+            self._loaded = True
         return pipeline_of(self.trainer, self.config)
 
     def fit(self, resume: bool = True, fallback: bool = False, branch_from=None, log=print) -> Path | None:
@@ -456,7 +461,7 @@ class Experiment:
         checkpoint the last step, save out_dir/pipeline with the config beside it; returns the pipeline folder."""
         created = _init_distributed(_distributed_device(str(self.config["train"].get("device", "cpu"))))
         try:
-            trainer = self.trainer
+            trainer, self._loaded = self.trainer, True
             start = trainer.step
             if (resume or branch_from is not None) and trainer.resume(fallback=fallback, branch_from=branch_from):
                 start = trainer.step

@@ -10,7 +10,7 @@ __all__ = ['pack_latents', 'unpack_latents', 'image_ids', 'FluxDenoiser', 'read_
 from pathlib import Path
 
 import torch
-from diffusers import FluxTransformer2DModel
+from diffusers import FluxControlNetModel, FluxTransformer2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
@@ -49,7 +49,8 @@ class FluxDenoiser(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, transformer_config: dict | None = None, text_dim: int = 64, in_channels: int = 4,
-                 text_layer: int = -1, connector_kind: str = "linear", guidance: float = 3.5):
+                 text_layer: int = -1, connector_kind: str = "linear", guidance: float = 3.5,
+                 controlnet_config: dict | None = None):
         super().__init__()
         config = dict(transformer_config or {})
         config.setdefault("in_channels", 4 * in_channels)
@@ -66,6 +67,9 @@ class FluxDenoiser(ModelMixin, ConfigMixin):
         # Qwen2VL-Flux: a linear map from the VLM's last layer (3584) to FLUX's text width (4096)
         self.connector = Connector(text_dim, net.config.joint_attention_dim, kind=connector_kind)
         self.pooled_proj = nn.Linear(text_dim, net.config.pooled_projection_dim)
+        self.controlnet = None  # a diffusers FluxControlNetModel (set_controlnet), read where cond.control is given
+        if controlnet_config is not None:
+            self.set_controlnet(FluxControlNetModel.from_config(controlnet_config))
 
     size_multiple = 2  # 2x2 packing
 
@@ -105,8 +109,20 @@ def _flux_forward(self, x: torch.Tensor, t: torch.Tensor, cond: LayerStack) -> t
     if self.transformer.config.guidance_embeds:
         guidance = torch.full((b,), float(self.config.guidance), device=x.device)
     t = torch.as_tensor(t, device=x.device, dtype=dtype).expand(b)
+    residuals = (None, None)
+    if cond.control is not None:  # ControlNet: residuals for the first blocks, from the control map
+        if self.controlnet is None:
+            raise ValueError("cond.control: this FluxDenoiser has no ControlNet (add_controlnet or set_controlnet)")
+        if tuple(cond.control.shape) != tuple(x.shape):
+            raise ValueError(f"cond.control: the control map must have x's shape {tuple(x.shape)}, got "
+                             f"{tuple(cond.control.shape)}")
+        residuals = self.controlnet(hidden_states=tokens, controlnet_cond=pack_latents(cond.control.to(dtype)),
+                                    conditioning_scale=cond.control_scale, encoder_hidden_states=text,
+                                    pooled_projections=pooled, timestep=t, img_ids=img_ids, txt_ids=txt_ids,
+                                    guidance=guidance, return_dict=False)
     out = self.transformer(hidden_states=tokens, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
                            img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, joint_attention_kwargs=kwargs,
+                           controlnet_block_samples=residuals[0], controlnet_single_block_samples=residuals[1],
                            return_dict=False)[0]
     return unpack_latents(out, h, w)
 
@@ -177,6 +193,46 @@ def flux_block_patterns(indices, num_double: int = 19, num_single: int = 38,
     return patterns
 
 # %% ../nbs/07a_flux.ipynb 24
+_CONTROLNET_MATCH = ("in_channels", "joint_attention_dim", "pooled_projection_dim", "guidance_embeds", "axes_dims_rope")
+
+
+@attach(FluxDenoiser, "set_controlnet")
+def _flux_set_controlnet(self, controlnet: FluxControlNetModel) -> FluxControlNetModel:
+    "Attach a diffusers FluxControlNetModel whose widths fit this transformer; its config joins this model's."
+    if not isinstance(controlnet, FluxControlNetModel):
+        raise TypeError(f"controlnet: expected a diffusers FluxControlNetModel, got {type(controlnet).__name__}")
+    mine, theirs = self.transformer.config, controlnet.config
+    widths = lambda c: c.num_attention_heads * c.attention_head_dim  # noqa: E731
+    as_list = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731 (a loaded config has lists)
+    wrong = [f"{k} {theirs[k]} != {mine[k]}" for k in _CONTROLNET_MATCH if as_list(theirs[k]) != as_list(mine[k])]
+    if widths(theirs) != widths(mine):
+        wrong.append(f"inner width {widths(theirs)} != {widths(mine)}")
+    if theirs.num_mode is not None or theirs.conditioning_embedding_channels is not None:
+        wrong.append("num_mode / conditioning_embedding_channels (union and hint-block ControlNets) are not supported")
+    if wrong:
+        raise ValueError(f"controlnet: does not fit the transformer ({'; '.join(wrong)})")
+    controlnet = controlnet.to(self.transformer.device)
+    if controlnet.dtype != self.transformer.dtype:
+        controlnet = controlnet.to(self.transformer.dtype)
+    self.controlnet = controlnet
+    self.register_to_config(controlnet_config={k: v for k, v in theirs.items() if not k.startswith("_")})
+    return self.controlnet
+
+
+@attach(FluxDenoiser, "add_controlnet")
+def _flux_add_controlnet(self, num_layers: int = 2, num_single_layers: int = 0) -> FluxControlNetModel:
+    "A ControlNet copied from this transformer's first blocks (control input and outputs zero-initialised), attached."
+    cfg = self.transformer.config
+    if not (0 <= num_layers <= cfg.num_layers and 0 <= num_single_layers <= cfg.num_single_layers) or not (
+            num_layers + num_single_layers):
+        raise ValueError(f"num_layers / num_single_layers: the copy takes 0..{cfg.num_layers} double-stream and "
+                         f"0..{cfg.num_single_layers} single-stream blocks (at least one), got {num_layers}, "
+                         f"{num_single_layers}")
+    return self.set_controlnet(FluxControlNetModel.from_transformer(
+        self.transformer, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=cfg.attention_head_dim, num_attention_heads=cfg.num_attention_heads))
+
+# %% ../nbs/07a_flux.ipynb 28
 def region_weights(grid_h: int, grid_w: int, centre=(0.5, 0.5), radius: float = 0.5) -> torch.Tensor:
     "GridDot weights [grid_h, grid_w]: clip(1 - d / (radius * min(grid_h, grid_w)), 0, 1), d from the centre cell."
     cx, cy = centre

@@ -10,6 +10,7 @@ __all__ = ['LM_SETTINGS', 'SAMPLERS', 'OUTPUT_TYPES', 'PIPELINE_FILE', 'PIPELINE
 import json
 import math
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -176,7 +177,57 @@ def _grid_weights(images, image_weights, region_centre, region_radius):
     return lambda grid_h, grid_w: region_weights(grid_h, grid_w, region_centre, region_radius)
 
 
-# %% ../nbs/12_pipeline.ipynb 13
+# %% ../nbs/12_pipeline.ipynb 14
+def _control_tensor(image, name: str) -> torch.Tensor:
+    "A control map as floats [C, H, W] in [0, 1]: PIL, a tensor [C, H, W] (float in [0, 1] or uint8), numpy [H, W(, C)]."
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.ndim not in (2, 3):
+            raise ValueError(f"{name}: a numpy control map must be [H, W] or [H, W, C], got shape {image.shape}")
+        image = torch.from_numpy(np.array(image))
+        image = image[None] if image.ndim == 2 else image.permute(2, 0, 1)
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"{name}: expected a PIL image, a tensor [C, H, W] or a numpy array, got {type(image).__name__}")
+    if image.ndim != 3:
+        raise ValueError(f"{name}: a tensor control map must be [C, H, W], got shape {tuple(image.shape)}")
+    if image.dtype == torch.uint8:
+        return image.float() / 255
+    if not image.is_floating_point() or image.min() < 0 or image.max() > 1:
+        raise ValueError(f"{name}: float values must lie in [0, 1] (or pass uint8), got {image.dtype}")
+    return image.detach().float().cpu()
+
+
+def _control_maps(pipe, control_image, count: int, height: int, width: int, scale) -> torch.Tensor | None:
+    "`control_image` as a batch [count, C, h, w] in the network's input space (None: no control), every check up front."
+    if control_image is None:
+        return None
+    if getattr(pipe.network, "controlnet", None) is None:
+        raise ValueError(f"control_image: the network ({type(pipe.network).__name__}) has no ControlNet "
+                         "(flux.FluxDenoiser.add_controlnet)")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"controlnet_conditioning_scale must be a finite number, got {scale!r}")
+    if isinstance(control_image, torch.Tensor) and control_image.ndim == 4:
+        control_image = list(control_image)
+    listed = isinstance(control_image, (list, tuple))
+    if not listed:
+        control_image = [control_image] * count
+    if len(control_image) != count:
+        raise ValueError(f"control_image: need one map or a list of one per prompt ({count}), got {len(control_image)}")
+    channels = pipe.network.config["in_channels"] if pipe.codec is None else 3
+    maps = []
+    for i, image in enumerate(control_image):
+        name = f"control_image[{i}]" if listed else "control_image"
+        m = _control_tensor(image, name)
+        if tuple(m.shape[-2:]) != (height, width):
+            raise ValueError(f"{name}: must have the output's size {height}x{width} (height x width), got "
+                             f"{m.shape[-2]}x{m.shape[-1]}")
+        if m.shape[0] not in (1, channels):
+            raise ValueError(f"{name}: expected 1 or {channels} channels, got {m.shape[0]}")
+        maps.append(m.expand(channels, -1, -1))
+    return codec_encode(pipe.codec, torch.stack(maps).to(pipe.device) * 2 - 1)
+
+# %% ../nbs/12_pipeline.ipynb 16
 def _check_call(prompts, negative, num_inference_steps, guidance_scale, thresholding, sampler, output_type,
                 num_images_per_prompt) -> None:
     "Every argument of a pipeline call checked up front, each error naming its argument."
@@ -203,11 +254,12 @@ def _call(self, prompt, negative_prompt=None, height: int | None = None, width: 
           percentile: float = 0.995, sampler: str | None = None, generator: torch.Generator | None = None,
           num_images_per_prompt: int = 1, output_type: str = "pil", progress: bool = True, image=None,
           image_weights=None, region_centre=None, region_radius: float = 0.5, latents: torch.Tensor | None = None,
-          callback_on_step_end=None):
+          callback_on_step_end=None, control_image=None, controlnet_conditioning_scale: float = 1.0):
     """Images in [0, 1] for `prompt` (str or list), as diffusers pipelines return them. `sampler`: 'heun' | 'euler'
     (None: the objective's own, Heun for EDM, Euler for flow and VP). `image`: reference image(s) for a Qwen2-VL
     language model (PIL, tensor [3, H, W] in [0, 1] or uint8, numpy [H, W, 3]); `region_centre` = (x, y) and
-    `region_radius` (or a grid `image_weights`) weight its visual tokens, GridDot's region control.
+    `region_radius` (or a grid `image_weights`) weight its visual tokens, GridDot's region control. `control_image`:
+    a ControlNet's map(s) at the output's size, its residuals scaled by `controlnet_conditioning_scale`.
     `callback_on_step_end(pipe, i, t, {"latents": x})` runs after every step (t in the objective's own time) and may
     return {"latents": replacement}. Returns ImagePipelineOutput."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -219,8 +271,12 @@ def _call(self, prompt, negative_prompt=None, height: int | None = None, width: 
     weights = _grid_weights(images, image_weights, region_centre, region_radius)
     height, width = height or self.sample_size[0], width or self.sample_size[1]
     shape = self.latent_shape(height, width)
+    control = _control_maps(self, control_image, len(prompts), height, width, controlnet_conditioning_scale)
     n = num_images_per_prompt
     cond, uncond = (repeat_rows(s, n) for s in self.encode_prompt(prompts, negative, images, weights))
+    if control is not None:  # the same map on both halves of guidance
+        cond, uncond = (replace(s, control=control.repeat_interleave(n, 0),
+                                control_scale=float(controlnet_conditioning_scale)) for s in (cond, uncond))
     guided = GuidedDenoiser(self.denoiser, cond, uncond, guidance_scale, thresholding, percentile)
     timesteps = self.objective.timesteps(num_inference_steps, image_seq_len=image_seq_len(self.network, *shape[1:]))
     if latents is None:
@@ -248,7 +304,7 @@ def _call(self, prompt, negative_prompt=None, height: int | None = None, width: 
 
 Text2ImagePipeline.__call__ = _call
 
-# %% ../nbs/12_pipeline.ipynb 15
+# %% ../nbs/12_pipeline.ipynb 18
 PIPELINE_FILE = "pipeline.json"
 PIPELINE_KEYS = ("network_class", "objective", "sample_size", "null", "codec")
 

@@ -458,6 +458,9 @@ class Trainer:
         if image_cond_prob and getattr(language_model, "kind", None) != "qwen2_vl":
             raise ValueError(f"image_cond_prob={image_cond_prob} conditions rows on their own image: the language model "
                              f"must be a Qwen2-VL (kind 'qwen2_vl'), got {getattr(language_model, 'kind', None)!r}")
+        if "control" in dataset[0] and getattr(network, "controlnet", None) is None:
+            raise ValueError("dataset: its items carry control maps (`control`) but the network has no ControlNet "
+                             "(flux.FluxDenoiser.add_controlnet)")
         if sample_every and not (sample_prompts and sample_dir):
             raise ValueError("sample_every needs sample_prompts (a list of prompts) and sample_dir")
         # The objective wraps the network into what it trains (EDM's preconditioned denoiser, a velocity or a noise
@@ -515,10 +518,11 @@ def _trainer_distribute(self, parallel: str) -> None:
 
 # %% ../nbs/11_train.ipynb 38
 @attach(Trainer, "batch")
-def _trainer_batch(self, step: int) -> tuple[torch.Tensor, list[str]]:
-    "Images and drawn captions of micro-step `step` ('' where dropped): a function of (seed, step) only."
-    images, prompts = self.batches[step]
-    return images.to(self.device), prompts
+def _trainer_batch(self, step: int) -> tuple:
+    """Images and drawn captions of micro-step `step` ('' where dropped), and its control maps where the data set
+    has them: a function of (seed, step) only."""
+    images, prompts, *control = self.batches[step]
+    return (images.to(self.device), prompts, *(c.to(self.device) for c in control))
 
 def _get_drop(self) -> float:
     return self.batches.cond_drop_prob
@@ -665,18 +669,19 @@ def _trainer_apply_stage(self) -> None:
 
 @attach(Trainer, "train_step")
 def _trainer_train_step(self, micro_batches=None) -> dict:
-    "One optimiser step on `micro_batches` (grad_accum (images, prompts) pairs; drawn here when None)."
+    """One optimiser step on `micro_batches` (grad_accum (images, prompts[, control maps]) items; drawn here when
+    None). Control maps (data.ControlMaps) reach the network as cond.control, in its input space."""
     self._apply_stage()
     self.optimizer.zero_grad(set_to_none=True)
     total = 0.0
     if micro_batches is None:
         micro_batches = [self.batches[self.step * self.grad_accum + m] for m in range(self.grad_accum)]
-    for micro, (x0, prompts) in enumerate(micro_batches):  # micro-batches of one optimiser step
+    for micro, (x0, prompts, *control) in enumerate(micro_batches):  # micro-batches of one optimiser step
         x0 = pixels = x0.to(self.device)  # the pixels are what an image-conditioned row's VLM reads
         index = self.step * self.grad_accum + micro
-        if self.codec is not None:
-            with torch.no_grad():
-                x0 = codec_encode(self.codec, x0)
+        with torch.no_grad():
+            x0 = codec_encode(self.codec, x0)
+            control = codec_encode(self.codec, control[0].to(self.device)) if control else None
         # Times and noise of the global batch (every rank draws the same and takes its shard).
         g = torch.Generator().manual_seed(self.seed * 7919 + index)
         t = self.objective.training_times(x0.shape[0], g, self.image_seq_len(x0)).to(x0.device)
@@ -684,6 +689,8 @@ def _trainer_train_step(self, micro_batches=None) -> dict:
         shard = slice(self.rank * len(prompts) // self.world, (self.rank + 1) * len(prompts) // self.world)
         rows = self.image_rows(index, prompts)[shard]
         cond = self.encode(prompts[shard], pixels[shard] if rows.any() else None, rows)
+        if control is not None:
+            cond.control = control[shard]
         with torch.autocast(torch.device(self.device).type, torch.bfloat16, enabled=self.bf16):
             loss = self.objective.loss(self.model, x0[shard], cond, t[shard], noise[shard])
             loss = loss / self.grad_accum

@@ -271,6 +271,10 @@ def test_example_configs_load_and_train_a_few_steps(tmp_path, name):
     pipe_dir = experiment.fit(log=lambda *a: None)
     assert experiment.trainer.step == 2 and (pipe_dir / "pipeline.json").exists()
     assert json.loads((pipe_dir / "pipeline.json").read_text())["objective"] == experiment.trainer.objective.config()
+    # a new Experiment of the finished run gives the trained pipeline (resumed), not its initial weights
+    trained = experiment.pipeline().network.state_dict()
+    again = Experiment.from_config(config, name).pipeline().network.state_dict()
+    assert trained.keys() == again.keys() and all(torch.equal(v, again[k]) for k, v in trained.items())
 
 
 def test_train_help_names_the_sections_and_the_example_configs(capsys):

@@ -230,3 +230,37 @@ def test_step_batches_are_a_function_of_seed_and_step_only():
     assert all(p == "" for p in StepBatches(scenes, 4, cond_drop_prob=1.0)[0][1])
     with pytest.raises(ValueError, match="cond_drop_prob"):
         StepBatches(scenes, 4, cond_drop_prob=1.5)
+
+
+def test_control_maps_are_the_scenes_exact_masks_and_ride_with_their_batches():
+    import numpy as np
+
+    from deepfusion_ref.data import (CONTROL_KINDS, ControlMaps, RenderedScenes, SceneDataset, StepBatches, control_map,
+                                     render, shape_mask)
+
+    scenes = SceneDataset(10, 24, 20, seed=4, max_objects=3)
+    for i in range(len(scenes)):
+        scene = scenes.scene(i)
+        mask, edges, depth = (control_map(scene, kind) for kind in CONTROL_KINDS)
+        assert mask.shape == (20, 24) and mask.dtype == np.float32
+        # by hand: pixel centres inside an object are inside the mask, and every object's paint order is its depth
+        ys, xs = np.mgrid[0:20, 0:24] + 0.5
+        for k, obj in enumerate(scene.objects):
+            inside = shape_mask(obj, xs, ys, 24, 20)
+            assert (mask[inside] > 0).all()
+            cy, cx = int(obj.y * 20), int(obj.x * 24)
+            if mask[cy, cx] == 1:
+                assert depth[cy, cx] == np.float32((k + 1) / len(scene.objects)) and edges[cy, cx] == 0
+        far = np.abs(render(scene).astype(int) - np.array(scene.background_rgb)).max(-1) > 0
+        assert not (far & (mask == 0)).any()  # nothing is drawn outside the mask
+        assert ((edges == 1) <= ((mask > 0) | (depth > 0))).all()  # outlines only where objects are
+    data = ControlMaps(RenderedScenes(scenes, levels=[5]), "edges")
+    images, prompts, controls = StepBatches(data, 4, seed=2)[3]
+    assert controls.shape == images.shape == (4, 3, 20, 24)
+    again = StepBatches(data, 4, seed=2)[3]
+    assert torch.equal(again[2], controls) and again[1] == prompts
+    for image, control in zip(images, controls):  # each map belongs to its own image
+        match = [j for j in range(len(data)) if torch.equal(data[j]["image"], image)]
+        assert any(torch.equal(data[j]["control"], control) for j in match)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        control_map(scenes.scene(0), "canny")

@@ -188,3 +188,105 @@ def test_gradient_checkpointing_reaches_the_transformer_and_keeps_the_gradients(
     assert flux.transformer.gradient_checkpointing
     for a, b in zip(plain, grads()):
         torch.testing.assert_close(a, b)
+
+
+def test_controlnet_fresh_is_a_no_op_and_trained_equals_diffusers_two_calls():
+    from dataclasses import replace
+
+    from diffusers import FluxControlNetModel
+
+    flux = randomised(FluxDenoiser(transformer_config=TINY, text_dim=20, in_channels=3))
+    x, t = torch.randn(2, 3, 6, 8), torch.tensor([0.2, 0.7])
+    cond = LayerStack(torch.randn(1, 2, 4, 20), torch.ones(2, 4, dtype=torch.bool))
+    control = torch.randn(2, 3, 6, 8)
+    with torch.no_grad():
+        before = flux(x, t, cond)
+        net = flux.add_controlnet(num_layers=1, num_single_layers=1)
+        assert isinstance(net, FluxControlNetModel) and net.config.num_single_layers == 1
+        # the copy starts from the transformer's own first blocks
+        assert torch.equal(net.transformer_blocks[0].attn.to_q.weight, flux.transformer.transformer_blocks[0].attn.to_q.weight)
+        assert torch.equal(flux(x, t, replace(cond, control=control)), before)  # zero-initialised: bit for bit
+        randomised(net)
+        ours = flux(x, t, replace(cond, control=control, control_scale=0.5))
+        text, pooled = flux.connector(cond.hidden[-1]), flux.pooled_proj(cond.hidden[-1].mean(1))
+        common = dict(hidden_states=FluxPipeline._pack_latents(x, 2, 3, 6, 8), encoder_hidden_states=text,
+                      pooled_projections=pooled, timestep=t, txt_ids=torch.zeros(4, 3), return_dict=False,
+                      img_ids=FluxPipeline._prepare_latent_image_ids(2, 3, 4, "cpu", torch.float32))
+        blocks, singles = net(controlnet_cond=FluxPipeline._pack_latents(control, 2, 3, 6, 8), conditioning_scale=0.5,
+                              **common)
+        direct = flux.transformer(controlnet_block_samples=blocks, controlnet_single_block_samples=singles, **common)[0]
+        torch.testing.assert_close(ours, FluxPipeline._unpack_latents(direct, 6, 8, vae_scale_factor=1))
+        assert (ours - before).abs().max() > 1e-3
+
+
+def test_controlnet_that_does_not_fit_is_refused():
+    from diffusers import FluxControlNetModel
+
+    flux = FluxDenoiser(transformer_config=TINY, text_dim=20, in_channels=3)
+    other = FluxControlNetModel(in_channels=12, num_layers=1, num_single_layers=0, attention_head_dim=8,
+                                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
+                                axes_dims_rope=(2, 2, 4))
+    with pytest.raises(ValueError, match="joint_attention_dim 32 != 24"):
+        flux.set_controlnet(other)
+    with pytest.raises(TypeError, match="controlnet"):
+        flux.set_controlnet(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="num_layers"):
+        flux.add_controlnet(num_layers=2)  # the transformer has one double-stream block
+    with pytest.raises(ValueError, match="no ControlNet"):
+        from dataclasses import replace
+
+        x = torch.randn(1, 3, 4, 4)
+        flux(x, torch.tensor([0.5]), replace(LayerStack(torch.randn(1, 1, 2, 20), torch.ones(1, 2, dtype=torch.bool)),
+                                             control=x))
+
+
+def test_controlnet_trains_alone_and_the_pipeline_applies_it(minilm, tmp_path):
+    from deepfusion_ref.data import ControlMaps, RenderedScenes, SceneDataset, control_map
+    from deepfusion_ref.pipeline import Text2ImagePipeline
+    from deepfusion_ref.train import Trainer
+
+    torch.manual_seed(0)
+    flux = FluxDenoiser(transformer_config=TINY, text_dim=minilm.hidden_size, in_channels=3)
+    flux.add_controlnet(num_layers=1)
+    data = ControlMaps(RenderedScenes(SceneDataset(8, 16, 16, seed=0, max_objects=1)), "mask")
+    base = {k: v.clone() for k, v in flux.transformer.state_dict().items()}
+    start = {k: v.clone() for k, v in flux.controlnet.state_dict().items()}
+    trainer = Trainer(flux, minilm, data, steps=3, batch_size=2, progress=False, objective="flow", lr=1e-2,
+                      stages=[(0, ["net.controlnet.*"])])
+    trainer.fit()
+    assert all(torch.equal(v, base[k]) for k, v in flux.transformer.state_dict().items())  # the generator is frozen
+    moved = [k for k, v in flux.controlnet.state_dict().items() if not torch.equal(v, start[k])]
+    assert "controlnet_x_embedder.weight" in moved and any(k.startswith("controlnet_blocks.") for k in moved)
+    pipe = Text2ImagePipeline.from_trainer(trainer)
+    scene = data.scenes.items[0]["scene"]
+    from deepfusion_ref.data import Scene
+
+    grey = torch.from_numpy(control_map(Scene.from_dict(scene)))[None].expand(3, -1, -1)
+    kwargs = dict(num_inference_steps=3, output_type="pt", progress=False)
+    run = lambda **extra: pipe(["a red circle"] * 2, generator=torch.Generator().manual_seed(1), **kwargs,  # noqa: E731
+                               **extra).images
+    free, controlled = run(), run(control_image=grey)
+    assert (controlled - free).abs().max() > 0  # the trained ControlNet changes the samples
+    assert torch.equal(run(control_image=grey, controlnet_conditioning_scale=0.0), free)  # scale 0: off
+    assert torch.equal(run(control_image=[grey, grey]), controlled)  # one map per prompt, the same map
+    pipe.save_pretrained(tmp_path / "pipe")
+    again = Text2ImagePipeline.from_pretrained(tmp_path / "pipe")
+    assert torch.equal(again(["a red circle"] * 2, generator=torch.Generator().manual_seed(1), control_image=grey,
+                             **kwargs).images, controlled)
+    with pytest.raises(ValueError, match="control_image: must have the output's size 16x16"):
+        run(control_image=grey[:, :8])
+    with pytest.raises(ValueError, match="controlnet_conditioning_scale"):
+        run(control_image=grey, controlnet_conditioning_scale="1")
+
+
+def test_control_maps_need_a_controlnet(minilm):
+    from deepfusion_ref.data import ControlMaps, SceneDataset
+    from deepfusion_ref.pipeline import Text2ImagePipeline
+    from deepfusion_ref.train import Trainer
+
+    flux = FluxDenoiser(transformer_config=TINY, text_dim=minilm.hidden_size, in_channels=3)
+    with pytest.raises(ValueError, match="dataset: its items carry control maps"):
+        Trainer(flux, minilm, ControlMaps(SceneDataset(4, 16, 16, seed=0)), steps=1, batch_size=2, objective="flow")
+    pipe = Text2ImagePipeline(minilm, flux, "flow", sample_size=(16, 16))
+    with pytest.raises(ValueError, match="control_image: the network .* has no ControlNet"):
+        pipe("a red circle", control_image=torch.zeros(3, 16, 16), num_inference_steps=1, progress=False)
