@@ -4,10 +4,11 @@
 
 # %% auto 0
 __all__ = ['SECTIONS', 'REQUIRED', 'DATA_KINDS', 'NETWORK_CLASSES', 'TRAINER_FILLED', 'TRAINING_CONFIG', 'HELD_OUT_SEED_OFFSET',
-           'POSITIVE', 'NON_NEGATIVE', 'PROBABILITY', 'AT_LEAST_ONE', 'RANGES', 'ConfigError', 'network_classes',
-           'section_schema', 'allowed_keys', 'Range', 'check_value', 'validate_config', 'load_config', 'build_dataset',
-           'build_language_model', 'rope_axes_for', 'build_network', 'default_sample_prompts', 'build_trainer',
-           'pipeline_of', 'Experiment', 'train', 'held_out_samples', 'score_held_out', 'evaluate_pipeline']
+           'POSITIVE', 'NON_NEGATIVE', 'PROBABILITY', 'AT_LEAST_ONE', 'RANGES', 'CODEC_KEYS', 'ConfigError',
+           'network_classes', 'section_schema', 'allowed_keys', 'Range', 'check_value', 'validate_config',
+           'load_config', 'build_dataset', 'build_language_model', 'rope_axes_for', 'build_network', 'build_codec',
+           'stage_patterns', 'default_sample_prompts', 'build_trainer', 'pipeline_of', 'Experiment', 'train',
+           'held_out_samples', 'score_held_out', 'evaluate_pipeline']
 
 # %% ../nbs/13a_experiment.ipynb 3
 import difflib
@@ -22,12 +23,12 @@ import torch
 import yaml
 
 # %% ../nbs/13a_experiment.ipynb 5
-SECTIONS = ("seed", "out_dir", "data", "language_model", "model", "objective", "train")
+SECTIONS = ("seed", "out_dir", "data", "language_model", "model", "objective", "codec", "train")
 REQUIRED = ("out_dir", "data", "language_model", "model", "train")
 DATA_KINDS = ("scenes", "folder")
 NETWORK_CLASSES = ("DeepFusionDiT", "EfficientUNet", "UNet", "FluxDenoiser")
 # Trainer arguments the experiment supplies itself (the top-level seed and objective are the Trainer's).
-TRAINER_FILLED = ("self", "network", "language_model", "dataset", "seed", "objective", "run_config")
+TRAINER_FILLED = ("self", "network", "language_model", "dataset", "seed", "objective", "run_config", "codec")
 TRAINING_CONFIG = "training_config.json"  # the config, saved beside the pipeline it produced
 HELD_OUT_SEED_OFFSET = 1000  # held-out scenes: data seed + 1000, everywhere (experiment, CLI, notebooks)
 
@@ -75,6 +76,8 @@ def section_schema(section: str, value: dict) -> dict:
         own = {"path": (str,), "dtype": (str,)}
     elif section == "model":
         params, own = _parameters(network_classes()[value["class"]].__init__, ("self",)), {"class": (str,)}
+        if value["class"] == "FluxDenoiser":  # start from a pretrained FLUX transformer (a local diffusers folder)
+            own.update(transformer_path=(str,), transformer_subfolder=(str,))
     elif section == "train":
         params, own = _parameters(Trainer.__init__, TRAINER_FILLED), {"sample_prompts": (list,)}
     else:
@@ -237,6 +240,14 @@ def validate_config(config, source: str = "config") -> None:
     for section, key in needed.items():
         if key not in config[section]:
             raise ConfigError(f"{source}: missing key '{section}.{key}'")
+    if "codec" in config:  # a local diffusers AutoencoderKL folder: the model learns its latents
+        codec = config["codec"]
+        if not isinstance(codec, dict) or not isinstance(codec.get("path"), str):
+            raise ConfigError(f"{source}: 'codec' must be a mapping with 'path' (an AutoencoderKL folder), got {codec!r}")
+        for key, value in codec.items():
+            if key not in CODEC_KEYS:
+                raise _unknown(source, f"codec.{key}", CODEC_KEYS)
+            check_value(f"codec.{key}", value, (str,), source)
     _check_lists(config, source)
     if "objective" in config:
         try:
@@ -349,9 +360,67 @@ def build_network(section: dict, language_model, channels: int = 3):
             fills["rope_axes"] = rope_axes_for(hidden // heads)
     for key, value in fills.items():
         opts.setdefault(key, value)
+    if "transformer_path" in opts:
+        return _pretrained_flux(cls, opts)
     return cls(**opts)
 
-# %% ../nbs/13a_experiment.ipynb 22
+# %% ../nbs/13a_experiment.ipynb 20
+CODEC_KEYS = ("path", "subfolder")
+
+
+def build_codec(section: dict | None, device="cpu"):
+    "The frozen diffusers AutoencoderKL of a config's `codec` section (a local folder; nothing is downloaded)."
+    if section is None:
+        return None
+    from diffusers import AutoencoderKL
+
+    path = Path(section["path"])
+    if not path.is_dir():
+        raise ConfigError(f"codec.path: {str(path)!r} is not a folder (a saved AutoencoderKL)")
+    return AutoencoderKL.from_pretrained(path, subfolder=section.get("subfolder"), local_files_only=True).to(device)
+
+
+def _pretrained_flux(cls, opts: dict):
+    "FluxDenoiser.from_transformer of a FluxTransformer2DModel saved in a local folder (e.g. FLUX.1-dev's)."
+    from diffusers import FluxTransformer2DModel
+
+    if "transformer_config" in opts:
+        raise ConfigError("model: give transformer_path or transformer_config, not both (the folder has its config)")
+    path, subfolder = Path(opts.pop("transformer_path")), opts.pop("transformer_subfolder", None)
+    if not path.is_dir():
+        raise ConfigError(f"model.transformer_path: {str(path)!r} is not a folder (a saved FluxTransformer2DModel)")
+    transformer = FluxTransformer2DModel.from_pretrained(path, subfolder=subfolder, local_files_only=True)
+    if transformer.config.in_channels != 4 * opts["in_channels"]:
+        raise ConfigError(f"model.transformer_path: the transformer reads {transformer.config.in_channels} packed "
+                          f"channels, the data give {opts['in_channels']} (x 4); a FLUX transformer needs its VAE "
+                          f"(a `codec` section)")
+    return cls.from_transformer(transformer, **{k: v for k, v in opts.items() if k != "in_channels"})
+
+# %% ../nbs/13a_experiment.ipynb 26
+def stage_patterns(patterns, network, key: str = "train.stages") -> list[str]:
+    "A stage's name patterns with `flux:i` / `flux:a-b` (global FLUX block indices, inclusive) expanded."
+    from deepfusion_ref.flux import FluxDenoiser, flux_block_patterns
+
+    out = []
+    for pattern in patterns:
+        if not str(pattern).startswith("flux:"):
+            out.append(str(pattern))
+            continue
+        if not isinstance(network, FluxDenoiser):
+            raise ConfigError(f"{key}: {pattern!r} names FLUX blocks, but the model is {type(network).__name__}")
+        first, _, last = pattern[5:].partition("-")
+        try:
+            indices = list(range(int(first), int(last or first) + 1))
+        except ValueError:
+            raise ConfigError(f"{key}: {pattern!r} must be 'flux:i' or 'flux:a-b' with integer indices") from None
+        cfg = network.transformer.config
+        try:
+            out += flux_block_patterns(indices, cfg.num_layers, cfg.num_single_layers)
+        except ValueError as err:
+            raise ConfigError(f"{key}: {pattern!r}: {err}") from None
+    return out
+
+# %% ../nbs/13a_experiment.ipynb 28
 def _distributed_device(device: str) -> str:
     "Under torchrun, `cuda` means this rank's GPU."
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -374,8 +443,10 @@ def build_trainer(config: dict, source: str = "config"):
     opts["device"] = _distributed_device(str(opts.get("device", "cpu")))
     dataset = build_dataset(config["data"])
     lm = build_language_model(config["language_model"], opts["device"])
+    codec = build_codec(config.get("codec"), opts["device"])
+    channels = dataset[0]["image"].shape[0] if codec is None else codec.config.latent_channels
     torch.manual_seed(seed)  # the initial weights (network, then the Trainer's learned null) follow from the seed
-    network = build_network(config["model"], lm, channels=dataset[0]["image"].shape[0])
+    network = build_network(config["model"], lm, channels=channels)
     opts.setdefault("checkpoint_dir", out / "checkpoints")
     opts.setdefault("metrics_file", out / "metrics.jsonl")
     opts.setdefault("sample_dir", out / "samples")
@@ -384,10 +455,12 @@ def build_trainer(config: dict, source: str = "config"):
     if "betas" in opts:
         opts["betas"] = tuple(opts["betas"])
     if "stages" in opts:  # [[first_step, [patterns]], ...]
-        opts["stages"] = [(int(first), list(patterns)) for first, patterns in opts["stages"]]
+        opts["stages"] = [(int(first), stage_patterns(patterns, network, f"train.stages[{i}]"))
+                          for i, (first, patterns) in enumerate(opts["stages"])]
     if opts["metrics_file"] is not None:
         Path(opts["metrics_file"]).parent.mkdir(parents=True, exist_ok=True)
-    return Trainer(network, lm, dataset, seed=seed, objective=config.get("objective", "edm"), run_config=config, **opts)
+    return Trainer(network, lm, dataset, seed=seed, objective=config.get("objective", "edm"), run_config=config,
+                   codec=codec, **opts)
 
 
 def _init_distributed(device: str) -> bool:
@@ -411,7 +484,8 @@ def pipeline_of(trainer, config: dict):
     _, ema, _ = trainer._full_states()  # every rank takes part in the gather
     if trainer.rank != 0:
         return None
-    network = build_network(config["model"], trainer.lm, channels=trainer.dataset[0]["image"].shape[0])
+    channels = trainer.dataset[0]["image"].shape[0] if trainer.codec is None else trainer.codec.config.latent_channels
+    network = build_network(config["model"], trainer.lm, channels=channels)
     denoiser = trainer.objective.wrap(network)
     null = None if trainer.null is None else LearnedNull(**trainer.null.config)
     module = denoiser if null is None else NullConditioned(denoiser, null)
@@ -420,7 +494,7 @@ def pipeline_of(trainer, config: dict):
     return Text2ImagePipeline(trainer.lm, network.eval(), trainer.objective, null, trainer.codec, sample_size=(h, w))
 
 
-# %% ../nbs/13a_experiment.ipynb 23
+# %% ../nbs/13a_experiment.ipynb 29
 class Experiment:
     """One run from one typed config: `Experiment.from_config(dict)` or `from_file(path)`, then `fit()`, `pipeline()`
     and `evaluate(...)`. The command line builds its runs through it."""
@@ -491,7 +565,7 @@ def train(config: dict, source: str = "config", **fit_options) -> Path:
     "`deepfusion train`: Experiment(config).fit()."
     return Experiment(config, source).fit(**fit_options)
 
-# %% ../nbs/13a_experiment.ipynb 28
+# %% ../nbs/13a_experiment.ipynb 34
 def _training_config(pipeline_dir) -> dict | None:
     path = Path(pipeline_dir) / TRAINING_CONFIG
     return json.loads(path.read_text()) if path.exists() else None
@@ -540,7 +614,7 @@ def held_out_samples(pipeline, n: int = 32, seed: int | None = None, level: int 
                 "pairs": "consecutive" if level == 5 else "all"}
     return {"images": torch.cat(images), "items": items, "prompts": prompts, "settings": settings}
 
-# %% ../nbs/13a_experiment.ipynb 31
+# %% ../nbs/13a_experiment.ipynb 37
 def score_held_out(samples: dict) -> tuple[dict, list[dict]]:
     """The alignment of `held_out_samples` with their own scenes (`aggregate`'s metrics), plus `floor` (the same images
     scored against the next prompt's scene), `ceiling` (the clean renders scored) and `saturation`; and the
@@ -562,7 +636,7 @@ def score_held_out(samples: dict) -> tuple[dict, list[dict]]:
     metrics["settings"] = samples["settings"]
     return metrics, scored
 
-# %% ../nbs/13a_experiment.ipynb 33
+# %% ../nbs/13a_experiment.ipynb 39
 def evaluate_pipeline(pipeline, n: int = 32, seed: int | None = None, level: int = 5, steps: int = 18,
                       guidance: float = 3.0, thresholding: str | None = None, batch_size: int = 16,
                       max_objects: int | None = None, out=None, report=None, device: str = "cpu",

@@ -106,7 +106,8 @@ class Text2ImagePipeline:
         wrapped = module.denoiser if trainer.null is not None else module
         null = module.null if trainer.null is not None else None
         h, w = trainer.dataset[0]["image"].shape[-2:]
-        return cls(trainer.lm, wrapped.net, trainer.objective, null, trainer.codec, sample_size=(h, w), **kwargs)
+        lm = _trained_language_model(trainer, getattr(module, "lm_tail", None))
+        return cls(lm, wrapped.net, trainer.objective, null, trainer.codec, sample_size=(h, w), **kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -148,6 +149,25 @@ class Text2ImagePipeline:
         return codec_encode(self.codec, images)
 
 # %% ../nbs/12_pipeline.ipynb 11
+def _trained_language_model(trainer, tail) -> LanguageModel:
+    """The trainer's language model with the last layers `tail` holds: itself for the live weights, else (the EMA's)
+    a copy with them loaded, so sampling never changes the model being trained."""
+    import copy
+
+    if tail is None:
+        return trainer.lm
+    if tail is trainer.lm_tail:  # the live weights: the model itself, its cache emptied (it may predate a step)
+        trainer.lm.clear_cache()
+        return trainer.lm
+    cache, trainer.lm._cache = trainer.lm._cache, type(trainer.lm._cache)()  # the cache is not copied along
+    try:
+        lm = copy.deepcopy(trainer.lm)
+    finally:
+        trainer.lm._cache = cache
+    lm.tail_modules(trainer.lm_trainable_layers).load_state_dict(tail.state_dict())
+    return lm.requires_grad_(False)
+
+# %% ../nbs/12_pipeline.ipynb 13
 def _reference_images(image, prompts: list[str]) -> list[torch.Tensor] | None:
     "`image` (one for every prompt, or a list of one per prompt) as floats [3, H, W] in [0, 1]."
     if image is None:
@@ -177,7 +197,7 @@ def _grid_weights(images, image_weights, region_centre, region_radius):
     return lambda grid_h, grid_w: region_weights(grid_h, grid_w, region_centre, region_radius)
 
 
-# %% ../nbs/12_pipeline.ipynb 14
+# %% ../nbs/12_pipeline.ipynb 16
 def _control_tensor(image, name: str) -> torch.Tensor:
     "A control map as floats [C, H, W] in [0, 1]: PIL, a tensor [C, H, W] (float in [0, 1] or uint8), numpy [H, W(, C)]."
     if isinstance(image, Image.Image):
@@ -227,7 +247,7 @@ def _control_maps(pipe, control_image, count: int, height: int, width: int, scal
         maps.append(m.expand(channels, -1, -1))
     return codec_encode(pipe.codec, torch.stack(maps).to(pipe.device) * 2 - 1)
 
-# %% ../nbs/12_pipeline.ipynb 16
+# %% ../nbs/12_pipeline.ipynb 18
 def _check_call(prompts, negative, num_inference_steps, guidance_scale, thresholding, sampler, output_type,
                 num_images_per_prompt) -> None:
     "Every argument of a pipeline call checked up front, each error naming its argument."
@@ -304,7 +324,7 @@ def _call(self, prompt, negative_prompt=None, height: int | None = None, width: 
 
 Text2ImagePipeline.__call__ = _call
 
-# %% ../nbs/12_pipeline.ipynb 18
+# %% ../nbs/12_pipeline.ipynb 20
 PIPELINE_FILE = "pipeline.json"
 PIPELINE_KEYS = ("network_class", "objective", "sample_size", "null", "codec")
 

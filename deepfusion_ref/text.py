@@ -191,9 +191,8 @@ def _lm_tokenize(self, prompts: list[str]):
 
 # %% ../nbs/04_text.ipynb 17
 @attach(LanguageModel, "_forward")
-@torch.no_grad()
-def _lm_forward(self, prompts: list[str], images=None, image_weights=None) -> list[LayerStack]:
-    "One forward pass over a batch; a LayerStack per prompt at its real length."
+def _lm_forward(self, prompts: list[str], images=None, image_weights=None, grad: bool = False) -> list[LayerStack]:
+    "One forward pass over a batch; a LayerStack per prompt at its real length (with autograd where `grad`)."
     if image_weights is not None and images is None:
         raise ValueError("image_weights: scale the visual tokens of images, but no images were given")
     if images is None:
@@ -206,7 +205,8 @@ def _lm_forward(self, prompts: list[str], images=None, image_weights=None) -> li
         hooks += [m.register_forward_hook(lambda mod, args, out, kind=kind: captured[kind].append(out))
                   for m in modules]
     try:
-        states = self.model(**inputs, output_hidden_states=True).hidden_states
+        with torch.set_grad_enabled(grad):  # grad: the trainable last layers (tail_modules) learn through it
+            states = self.model(**inputs, output_hidden_states=True).hidden_states
     finally:
         for h in hooks:
             h.remove()
@@ -233,15 +233,19 @@ def _lm_key(self, prompt: str, image=None):
 
 
 @attach(LanguageModel, "encode")
-def _lm_encode(self, prompts: str | list[str], images=None, image_weights=None) -> LayerStack:
-    "The LayerStack of a batch of prompts (a str is a batch of one), each after its image if `images` are given."
+def _lm_encode(self, prompts: str | list[str], images=None, image_weights=None, grad: bool = False) -> LayerStack:
+    """The LayerStack of a batch of prompts (a str is a batch of one), each after its image if `images` are given.
+    `grad`: run with autograd and past the cache (training the language model's last layers)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompts must be a string or a non-empty list of strings, got {prompts!r}")
     if images is not None:
         images = self._check_images(prompts, images)
-    if image_weights is not None:
-        return LayerStack.stack(self._forward(prompts, images, image_weights))
+    if image_weights is not None or grad:
+        groups = [[i] for i in range(len(prompts))] if self.batch_invariant else [list(range(len(prompts)))]
+        pick = lambda seq, g: None if seq is None else [seq[i] for i in g]  # noqa: E731
+        return LayerStack.stack([s for g in groups for s in self._forward(
+            pick(prompts, g), pick(images, g), image_weights, grad=grad)])
     pairs = list(zip(prompts, images if images is not None else [None] * len(prompts)))
     keys = [self._key(p, im) for p, im in pairs]
     missing = list({k: pair for k, pair in zip(keys, pairs) if k not in self._cache}.items())
@@ -263,6 +267,26 @@ def _lm_clear_cache(self) -> None:
     self._cache.clear()
 
 # %% ../nbs/04_text.ipynb 23
+@attach(LanguageModel, "tail_modules")
+def _lm_tail_modules(self, k: int) -> nn.ModuleList:
+    "The last `k` transformer layers of the text model (plus its final norm, if any), in order."
+    layers = self.model.config.get_text_config().num_hidden_layers
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= layers:
+        raise ValueError(f"k must be an int in 1..{layers} (the text model's layers), got {k!r}")
+    found = [(name, m) for name, m in self.model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) == layers and "visual" not in name and "decoder" not in name]
+    depth = min((n.count(".") for n, _ in found), default=0)  # the outermost list (T5's blocks hold lists too)
+    found = [(n, m) for n, m in found if n.count(".") == depth]
+    if len(found) != 1:
+        raise ValueError(f"k: cannot tell the transformer layers of {type(self.model).__name__} apart "
+                         f"({[n for n, _ in found] or 'no list of'} {layers} layers)")
+    name, blocks = found[0]
+    parent = self.model.get_submodule(name.rpartition(".")[0]) if "." in name else self.model
+    norm = next((getattr(parent, a) for a in ("norm", "final_layer_norm") if isinstance(getattr(parent, a, None),
+                                                                                   nn.Module)), None)
+    return nn.ModuleList(list(blocks[layers - k:]) + ([norm] if norm is not None else []))
+
+# %% ../nbs/04_text.ipynb 26
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
 
@@ -341,7 +365,7 @@ def build_caption_lm(captions: list[str], out_dir, vocab_size: int = 512, layers
                             "caption LM")
     return _save_lm(out_dir, model, tokenizer, losses)
 
-# %% ../nbs/04_text.ipynb 29
+# %% ../nbs/04_text.ipynb 32
 def image_tensor(image, name: str = "image") -> torch.Tensor:
     "A reference image as floats [3, H, W] in [0, 1], from PIL, a tensor [3, H, W] or a numpy array [H, W, 3]."
     import numpy as np
@@ -420,7 +444,7 @@ def _lm_image_token_weights(self, inputs: dict, image_weights) -> torch.Tensor:
         scale[b, ids[b] == self.model.config.image_token_id] = w.flatten()
     return scale
 
-# %% ../nbs/04_text.ipynb 31
+# %% ../nbs/04_text.ipynb 34
 def build_vision_lm(captions: list[str], out_dir, image_size: int = 16, patch_size: int = 2, vocab_size: int = 512,
                     layers: int = 4, dim: int = 64, heads: int = 4, vision_depth: int = 2, steps: int = 300,
                     batch_size: int = 32, lr: float = 3e-3, max_length: int = 64, seed: int = 0,

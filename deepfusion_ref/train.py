@@ -430,6 +430,20 @@ def _learned_null(language_model, device) -> LearnedNull:
     kv_dim = None if probe.keys is None else probe.keys.shape[-1]
     return LearnedNull(probe.num_layers, probe.hidden.shape[-1], kv_dim).to(device)
 
+
+def _lm_tail(language_model, layers: int, parallel: str) -> nn.ModuleList | None:
+    "The language model's last `layers` layers made trainable (Qwen2VL-Flux trains the VLM's last layer), or None."
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
+        raise ValueError(f"lm_trainable_layers must be an int >= 0, got {layers!r}")
+    if not layers:
+        return None
+    if parallel == "fsdp":  # FSDP2 would shard layers that the language model runs outside the sharded module
+        raise ValueError("lm_trainable_layers: not supported with parallel='fsdp'; use 'ddp' or keep the LM frozen")
+    try:
+        return language_model.tail_modules(layers).requires_grad_(True)
+    except ValueError as err:
+        raise ValueError(f"lm_trainable_layers: {err}") from None
+
 # %% ../nbs/11_train.ipynb 36
 class Trainer:
     """Train network(x, t, LayerStack) under an objective ('edm' | 'flow' | 'vp' | a schedules.Objective) on a
@@ -444,7 +458,7 @@ class Trainer:
                  parallel: str = "ddp", sample_every: int = 0, sample_prompts=None, sample_dir=None,
                  sample_steps: int = 18, guidance_scale: float = 3.0, codec=None, objective="edm",
                  P_mean: float | None = None, P_std: float | None = None, run_config: dict | None = None,
-                 num_workers: int = 0):
+                 num_workers: int = 0, gradient_checkpointing: bool = False, lm_trainable_layers: int = 0):
         if grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
         if num_workers < 0:
@@ -463,6 +477,10 @@ class Trainer:
                              "(flux.FluxDenoiser.add_controlnet)")
         if sample_every and not (sample_prompts and sample_dir):
             raise ValueError("sample_every needs sample_prompts (a list of prompts) and sample_dir")
+        if gradient_checkpointing:  # recompute block activations in the backward pass: memory for compute
+            if not getattr(network, "_supports_gradient_checkpointing", False):
+                raise ValueError(f"gradient_checkpointing: {type(network).__name__} does not support it")
+            network.enable_gradient_checkpointing()
         # The objective wraps the network into what it trains (EDM's preconditioned denoiser, a velocity or a noise
         # prediction); `denoiser` is that module, so checkpoints hold the network under `denoiser.net.`.
         self.objective, self.network = _objective(objective, P_mean, P_std), network.to(device)
@@ -478,8 +496,12 @@ class Trainer:
         self.sample_every, self.sample_prompts, self.sample_steps = sample_every, list(sample_prompts or []), sample_steps
         self.sample_dir, self.guidance_scale = None if sample_dir is None else Path(sample_dir), guidance_scale
         self.null = _learned_null(language_model, device) if learned_null else None
+        self.lm_tail = _lm_tail(language_model, lm_trainable_layers, parallel)
+        self.lm_trainable_layers = lm_trainable_layers
         # `conditioned` is what trains, is averaged and is checkpointed: the denoiser (+ its learned null).
         self.conditioned = self.denoiser if self.null is None else NullConditioned(self.denoiser, self.null)
+        if self.lm_tail is not None:  # the LM's trained last layers: optimised, averaged, checkpointed (`lm_tail.`)
+            self.conditioned.add_module("lm_tail", self.lm_tail)
         self.ema = AveragedModel(self.conditioned, multi_avg_fn=ema_update(ema_decay, ema_warmup))
         self._distribute(parallel)
         self.optimizer = torch.optim.AdamW(param_groups(self.conditioned, weight_decay), lr=lr, betas=betas)
@@ -516,6 +538,19 @@ def _trainer_distribute(self, parallel: str) -> None:
     else:
         self.model = self.conditioned
 
+
+@attach(Trainer, "_gradient_sync")
+def _trainer_gradient_sync(self, last: bool):
+    """Where the ranks exchange gradients: only in the last micro-batch of an optimiser step (DDP's `no_sync`,
+    FSDP2's `set_requires_gradient_sync`); the sum over micro-batches is the same, with one exchange instead of many."""
+    import contextlib
+
+    if self.fsdp:
+        self.conditioned.set_requires_gradient_sync(last)
+    elif self.world > 1 and not last:
+        return self.model.no_sync()
+    return contextlib.nullcontext()
+
 # %% ../nbs/11_train.ipynb 38
 @attach(Trainer, "batch")
 def _trainer_batch(self, step: int) -> tuple:
@@ -551,14 +586,15 @@ def _trainer_encode(self, prompts: list[str], images: torch.Tensor | None = None
                     image_rows: torch.Tensor | None = None) -> LayerStack:
     """The condition of a batch: the LLM's stacks, dropped rows ('') marked for the learned null. Rows in
     `image_rows` read their image (`images` in [-1, 1]) with the empty prompt instead of their caption."""
+    grad = self.lm_tail is not None  # the LM's last layers train: run it with autograd, past its cache
     if image_rows is None or not image_rows.any():
-        cond = self.lm.encode(prompts).to(self.device)
+        cond = self.lm.encode(prompts, grad=grad).to(self.device)
     else:
         text, seen = (~image_rows).nonzero().flatten(), image_rows.nonzero().flatten()
         pixels = ((images[seen].detach().float().cpu() + 1) / 2).clamp(0, 1)  # the VLM reads [0, 1]
-        parts = [self.lm.encode([""] * len(seen), images=list(pixels))]
+        parts = [self.lm.encode([""] * len(seen), images=list(pixels), grad=grad)]
         if len(text):
-            parts.insert(0, self.lm.encode([prompts[i] for i in text]))
+            parts.insert(0, self.lm.encode([prompts[i] for i in text], grad=grad))
         order = torch.cat([text, seen]).argsort()  # back to the batch's own row order
         cond = select_rows(LayerStack.stack(parts), order).to(self.device)
     if self.null is not None:
@@ -665,6 +701,8 @@ def _trainer_apply_stage(self) -> None:
     current = [patterns for first, patterns in self.stages if first <= self.step]
     if current:
         set_trainable(self.denoiser, current[-1])
+    if self.lm_tail is not None:  # stages name the network's parts; the LM's tail always trains
+        self.lm_tail.requires_grad_(True)
 
 
 @attach(Trainer, "train_step")
@@ -677,24 +715,9 @@ def _trainer_train_step(self, micro_batches=None) -> dict:
     if micro_batches is None:
         micro_batches = [self.batches[self.step * self.grad_accum + m] for m in range(self.grad_accum)]
     for micro, (x0, prompts, *control) in enumerate(micro_batches):  # micro-batches of one optimiser step
-        x0 = pixels = x0.to(self.device)  # the pixels are what an image-conditioned row's VLM reads
-        index = self.step * self.grad_accum + micro
-        with torch.no_grad():
-            x0 = codec_encode(self.codec, x0)
-            control = codec_encode(self.codec, control[0].to(self.device)) if control else None
-        # Times and noise of the global batch (every rank draws the same and takes its shard).
-        g = torch.Generator().manual_seed(self.seed * 7919 + index)
-        t = self.objective.training_times(x0.shape[0], g, self.image_seq_len(x0)).to(x0.device)
-        noise = torch.randn(x0.shape, generator=g).to(x0.device)
-        shard = slice(self.rank * len(prompts) // self.world, (self.rank + 1) * len(prompts) // self.world)
-        rows = self.image_rows(index, prompts)[shard]
-        cond = self.encode(prompts[shard], pixels[shard] if rows.any() else None, rows)
-        if control is not None:
-            cond.control = control[shard]
-        with torch.autocast(torch.device(self.device).type, torch.bfloat16, enabled=self.bf16):
-            loss = self.objective.loss(self.model, x0[shard], cond, t[shard], noise[shard])
-            loss = loss / self.grad_accum
-        loss.backward()
+        with self._gradient_sync(micro == len(micro_batches) - 1):
+            loss = self._micro_loss(self.step * self.grad_accum + micro, x0, prompts, control[0] if control else None)
+            loss.backward()
         total += loss.item()
     params = [p for p in self.conditioned.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip or float("inf"))
@@ -703,6 +726,8 @@ def _trainer_train_step(self, micro_batches=None) -> dict:
     if not skipped:
         self.optimizer.step()
         self.ema.update_parameters(self.conditioned)
+        if self.lm_tail is not None:  # the LM's weights moved: its cached stacks are stale
+            self.lm.clear_cache()
     self.scheduler.step()
     self.step += 1
     return {"step": self.step, "loss": total, "grad_norm": norm, "skipped": skipped,
@@ -715,6 +740,26 @@ def _trainer_image_seq_len(self, x0: torch.Tensor) -> int:
     from deepfusion_ref.schedules import image_seq_len
 
     return image_seq_len(self.network, *x0.shape[-2:])
+
+
+@attach(Trainer, "_micro_loss")
+def _trainer_micro_loss(self, index: int, x0: torch.Tensor, prompts: list[str], control=None) -> torch.Tensor:
+    "The objective's loss on this rank's shard of micro-batch `index`, divided by grad_accum."
+    x0 = pixels = x0.to(self.device)  # the pixels are what an image-conditioned row's VLM reads
+    with torch.no_grad():
+        x0 = codec_encode(self.codec, x0)
+        control = None if control is None else codec_encode(self.codec, control.to(self.device))
+    # Times and noise of the global batch (every rank draws the same and takes its shard).
+    g = torch.Generator().manual_seed(self.seed * 7919 + index)
+    t = self.objective.training_times(x0.shape[0], g, self.image_seq_len(x0)).to(x0.device)
+    noise = torch.randn(x0.shape, generator=g).to(x0.device)
+    shard = slice(self.rank * len(prompts) // self.world, (self.rank + 1) * len(prompts) // self.world)
+    rows = self.image_rows(index, prompts)[shard]
+    cond = self.encode(prompts[shard], pixels[shard] if rows.any() else None, rows)
+    if control is not None:
+        cond.control = control[shard]
+    with torch.autocast(torch.device(self.device).type, torch.bfloat16, enabled=self.bf16):
+        return self.objective.loss(self.model, x0[shard], cond, t[shard], noise[shard]) / self.grad_accum
 
 # %% ../nbs/11_train.ipynb 46
 @attach(Trainer, "ema_module", kind="property")

@@ -284,3 +284,96 @@ def test_train_help_names_the_sections_and_the_example_configs(capsys):
     assert "objective" in text and "configs/quickstart.yaml" in text and "language_model" in text
     named = re.findall(r"configs/[\w.]+\.yaml", text)  # every example config it points at exists
     assert named and all((Path(__file__).parents[1] / name).exists() for name in named)
+
+
+def test_flux_config_with_a_vae_gradient_checkpointing_and_stages_by_global_block_index(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from deepfusion_ref.experiment import ConfigError, Experiment
+
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=4,
+                        norm_num_groups=4, sample_size=16)
+    vae.save_pretrained(tmp_path / "flux_folder" / "vae")
+    root = Path(__file__).parents[1]
+    config = load_config(root / "configs" / "qwen2vl_flux_lab.yaml")
+    config.update(out_dir=str(tmp_path / "run"), codec={"path": str(tmp_path / "flux_folder"), "subfolder": "vae"})
+    config["data"]["size"] = 8
+    config["train"].update(steps=2, batch_size=2, warmup_steps=0, decay_steps=0, checkpoint_every=0, progress=False,
+                           gradient_checkpointing=True, stages=[[0, ["flux:1-2", "net.connector.*"]]])
+    experiment = Experiment.from_config(config, "flux+vae")
+    trainer = experiment.trainer
+    assert trainer.codec is not None and trainer.network.config.in_channels == 4  # the VAE's latent channels
+    assert trainer.network.transformer.gradient_checkpointing
+    assert trainer.stages == [(0, ["net.transformer.transformer_blocks.1.*",
+                                   "net.transformer.single_transformer_blocks.0.*", "net.connector.*"])]
+    before = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+    experiment.fit(log=lambda *a: None)
+    changed = {k for k, v in trainer.network.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith(("transformer.transformer_blocks.1.", "transformer.single_transformer_blocks.0.",
+                                         "connector.")) for k in changed)
+    images = experiment.pipeline()("a red circle", num_inference_steps=2, output_type="pt", progress=False).images
+    assert images.shape == (1, 3, 16, 16)  # decoded by the VAE from 8x8 latents
+    for bad, key in (({"path": str(tmp_path / "none")}, "codec.path"), ({"path": "x", "scale": 1}, "codec.scale")):
+        with pytest.raises(ConfigError, match=key):
+            Experiment.from_config({**config, "codec": bad}, "bad").trainer
+    config["train"]["stages"] = [[0, ["flux:9"]]]
+    with pytest.raises(ConfigError, match=r"train.stages\[0\]"):
+        Experiment.from_config(config, "bad").trainer
+
+
+def test_flux_config_starts_from_a_pretrained_transformer_folder(tmp_path):
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    from deepfusion_ref.experiment import ConfigError, Experiment
+
+    torch.manual_seed(3)
+    transformer = FluxTransformer2DModel(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                         num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
+                                         axes_dims_rope=(2, 2, 4))
+    transformer.save_pretrained(tmp_path / "flux" / "transformer")
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=4,
+                  norm_num_groups=4).save_pretrained(tmp_path / "flux" / "vae")
+    config = load_config(Path(__file__).parents[1] / "configs" / "qwen2vl_flux_lab.yaml")
+    config["model"] = {"class": "FluxDenoiser", "transformer_path": str(tmp_path / "flux"),
+                       "transformer_subfolder": "transformer", "guidance": 2.0}
+    config.update(out_dir=str(tmp_path / "run"), codec={"path": str(tmp_path / "flux"), "subfolder": "vae"})
+    config["data"]["size"] = 4
+    config["train"].pop("stages")
+    network = Experiment.from_config(config, "pretrained").trainer.network
+    assert network.config.guidance == 2.0 and network.config.in_channels == 4
+    mine = network.transformer.state_dict()
+    assert all(torch.equal(v, mine[k]) for k, v in transformer.state_dict().items())  # the folder's weights
+    with pytest.raises(ConfigError, match="not both"):
+        Experiment.from_config({**config, "model": {**config["model"], "transformer_config": {}}}, "x").trainer
+    with pytest.raises(ConfigError, match="needs its VAE"):
+        Experiment.from_config({k: v for k, v in config.items() if k != "codec"}, "x").trainer
+
+
+def test_report_config_holds_the_reports_values_and_its_stages_name_real_flux_blocks():
+    from deepfusion_ref.data import aspect_buckets
+    from deepfusion_ref.experiment import stage_patterns, validate_config
+    from deepfusion_ref.flux import FluxDenoiser
+    from deepfusion_ref.schedules import Prediction
+    from deepfusion_ref.train import set_trainable
+
+    config = load_config(Path(__file__).parents[1] / "configs" / "qwen2vl_flux_report.yaml")
+    validate_config(config, "qwen2vl_flux_report.yaml")
+    train = config["train"]
+    assert (train["lr"], train["betas"], train["weight_decay"], train["grad_accum"]) == (1e-5, [0.9, 0.95], 0.1, 2)
+    assert train["bf16"] and train["gradient_checkpointing"] and train["batch_size"] * train["grad_accum"] == 128
+    assert [tuple(b) for b in config["data"]["buckets"]] == aspect_buckets(1024)
+    with torch.device("meta"):  # FLUX.1-dev's shape without its 12B parameters in memory
+        flux = FluxDenoiser(transformer_config=dict(num_layers=19, num_single_layers=38, attention_head_dim=128,
+                                                    num_attention_heads=24, joint_attention_dim=4096,
+                                                    pooled_projection_dim=768, guidance_embeds=True,
+                                                    axes_dims_rope=(16, 56, 56)), text_dim=3584, in_channels=16)
+    wrapped = Prediction(flux)
+    trained = []
+    for first, patterns in train["stages"]:
+        set_trainable(wrapped, stage_patterns(patterns, flux))
+        names = {n.split(".")[2] + "." + n.split(".")[3] for n, p in wrapped.named_parameters()
+                 if p.requires_grad and n.startswith("net.transformer.") and "blocks" in n}
+        trained.append(len(names))
+    assert trained == [19, 19 + 19, 57]  # whole blocks, by the global index

@@ -261,3 +261,22 @@ def test_qwen2_vl_cache_is_keyed_by_prompt_and_image(tiny_models):
     hook.remove()
     assert len(calls) == n_first + 1
     assert not torch.allclose(first.hidden[-1, 0], first.hidden[-1, 1])  # two images, two encodings
+
+
+@pytest.mark.parametrize("name, last", [("llama", "model.layers.2."), ("qwen2", "model.layers.2."),
+                                        ("t5", "encoder.block.1."), ("bert", "encoder.layer.1."),
+                                        ("qwen2_vl", "layers.2.")])
+def test_tail_modules_are_the_last_layers_and_only_they_learn(tiny_models, name, last):
+    lm = LanguageModel.from_pretrained(tiny_models[name], max_length=64)
+    tail = lm.tail_modules(1)
+    tail.requires_grad_(True)
+    stack = lm.encode(PROMPTS[:2], grad=True)
+    assert torch.allclose(stack.hidden, lm.encode(PROMPTS[:2]).hidden, atol=1e-5)  # the same values, with autograd
+    stack.hidden[-1].sum().backward()
+    grads = {n for n, p in lm.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    expected = {n for n, p in lm.model.named_parameters() if any(p is q for q in tail.parameters())}
+    assert grads == expected and any(last in n for n in grads)
+    has_norm = name in ("llama", "qwen2", "qwen2_vl", "t5")  # decoders and T5 norm the last layer's output
+    assert any("norm" in n for n in grads) == has_norm
+    with pytest.raises(ValueError, match="k must be an int in 1.."):
+        lm.tail_modules(9)

@@ -308,7 +308,7 @@ def test_stages_switch_trainable_parameters(minilm):
         set_trainable(trainer.denoiser, ["nothing.*"])
 
 
-def run_worker(out, parallel="ddp", ranks=1, checkpoint_dir=None):
+def run_worker(out, parallel="ddp", ranks=1, checkpoint_dir=None, grad_accum=1):
     import os
     import subprocess
     import sys
@@ -318,6 +318,7 @@ def run_worker(out, parallel="ddp", ranks=1, checkpoint_dir=None):
 
     worker = Path(__file__).with_name("_ddp_train.py")
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["GRAD_ACCUM"] = str(grad_accum)
     launcher = [sys.executable] if ranks == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]  # a free port
     args = [str(worker), str(out), parallel] + ([str(checkpoint_dir)] if checkpoint_dir else [])
@@ -346,7 +347,21 @@ def assert_same_training(got, expected):
 def test_torchrun_ddp_equals_one_process(one_process, tmp_path):
     # 2 ranks (gloo, CPU) with half of the global batch each == 1 process with the whole batch, up to the order
     # of the gradient reduction.
-    assert_same_training(run_worker(tmp_path / "ddp.safetensors", "ddp", ranks=2), one_process)
+    got = run_worker(tmp_path / "ddp.safetensors", "ddp", ranks=2)
+    assert int(got.pop("allreduce_calls")) > 0  # DDP exchanged the gradients
+    assert_same_training(got, one_process)
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_accumulates_without_exchanging_until_the_last_micro_batch(tmp_path):
+    # grad_accum 2 under DDP == one process with grad_accum 2; and DDP exchanged gradients once per optimiser step
+    # (no_sync on the first micro-batch), as often as with no accumulation at all, not once per micro-batch.
+    single = run_worker(tmp_path / "one.safetensors", grad_accum=2)
+    got = run_worker(tmp_path / "ddp.safetensors", "ddp", ranks=2, grad_accum=2)
+    calls = int(got.pop("allreduce_calls"))
+    assert_same_training(got, single)
+    plain = int(run_worker(tmp_path / "ddp1.safetensors", "ddp", ranks=2)["allreduce_calls"])
+    assert calls == plain > 0  # 4 steps x the buckets of one exchange; without no_sync it would be twice as many
 
 
 @pytest.mark.slow
@@ -493,3 +508,32 @@ def test_image_cond_prob_rows_are_deterministic_and_read_their_image(tmp_path):
                 image_cond_prob=0.5)
     with pytest.raises(ValueError, match="image_cond_prob"):
         make(1.5)
+
+
+def test_language_models_last_layer_trains_checkpoints_and_samples_from_its_average(tmp_path):
+    from deepfusion_ref.pipeline import Text2ImagePipeline
+    from deepfusion_ref.text import LanguageModel, packaged_minilm_path
+
+    fresh = lambda: LanguageModel.from_pretrained(packaged_minilm_path(), max_length=96)  # noqa: E731 (not shared)
+    lm = fresh()
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    trainer = make_trainer(lm, tmp_path / "ck", steps=10, lm_trainable_layers=1)
+    trainer.fit()
+    changed = {k for k, v in lm.model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("encoder.layer.5.") for k in changed)  # the last layer only
+    assert any(k.startswith("lm_tail.") for k in trainer.conditioned.state_dict())
+    # resumed in a new trainer over a fresh language model: the trained layer comes back with the network
+    again_lm = fresh()
+    again = make_trainer(again_lm, tmp_path / "ck", steps=10, lm_trainable_layers=1)
+    assert again.resume() and all(torch.equal(v, again_lm.model.state_dict()[k]) for k, v in lm.model.state_dict().items())
+    # the EMA pipeline reads with the averaged layer, in a copy: the live model is untouched by sampling
+    pipe = Text2ImagePipeline.from_trainer(trainer)
+    assert pipe.language_model is not lm
+    ema_tail = trainer.ema.module.lm_tail.state_dict()
+    assert all(torch.equal(v, pipe.language_model.tail_modules(1).state_dict()[k]) for k, v in ema_tail.items())
+    assert not torch.equal(pipe.language_model.encode("a red circle").hidden[-1], fresh().encode("a red circle").hidden[-1])
+    assert Text2ImagePipeline.from_trainer(trainer, ema=False).language_model is lm
+    with pytest.raises(ValueError, match="lm_trainable_layers: not supported with parallel='fsdp'"):
+        make_trainer(fresh(), steps=10, lm_trainable_layers=1, parallel="fsdp")
+    with pytest.raises(ValueError, match="lm_trainable_layers: k must be an int in 1..6"):
+        make_trainer(fresh(), steps=10, lm_trainable_layers=7)
