@@ -4,7 +4,7 @@
 
 # %% auto 0
 __all__ = ['FFNS', 'FUSIONS', 'norm_modulate', 'merge_2x2', 'split_2x2', 'ConvGLU', 'DiTBlock', 'default_rope_axes',
-           'DeepFusionDiT']
+           'DeepFusionDiT', 'LayerRouter']
 
 # %% ../nbs/07_dit.ipynb 3
 import math
@@ -100,7 +100,7 @@ class DiTBlock(nn.Module):
         return x + gate2[:, None] * (self.mlp(h, grid) if self.ffn_reads_grid else self.mlp(h))
 
 # %% ../nbs/07_dit.ipynb 17
-FUSIONS = ("deep", "last", "kv")
+FUSIONS = ("deep", "last", "kv", "stack", "routed")
 
 
 def default_rope_axes(head_dim: int) -> tuple:
@@ -124,7 +124,8 @@ class DeepFusionDiT(ModelMixin, ConfigMixin):
                  fusion: str = "deep", layer_strategy: str = "uniform", layer_offset: int = 0,
                  long_skips: bool = True, downsample: bool = False, text_rope: bool = True,
                  rope_axes: tuple | None = None, rope_theta: float = 10000.0, qk_norm: bool = True,
-                 kv_dim: int | None = None, ffn: str = "mlp", pooled_text: bool = False):
+                 kv_dim: int | None = None, ffn: str = "mlp", pooled_text: bool = False, last_layer: int = -1,
+                 stack_layers: tuple | None = None):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
@@ -135,8 +136,7 @@ class DeepFusionDiT(ModelMixin, ConfigMixin):
             self.register_to_config(rope_axes=rope_axes)
         if sum(rope_axes) != hidden_size // num_heads:
             raise ValueError(f"rope_axes {tuple(rope_axes)} must sum to the head dim {hidden_size // num_heads}")
-        self.layer_indices = (layer_map(num_llm_layers, depth, layer_strategy, layer_offset) if fusion != "last"
-                              else [num_llm_layers - 1] * depth)
+        self._init_fusion(fusion, num_llm_layers, depth, text_dim, layer_strategy, layer_offset, last_layer, stack_layers)
         p = patch_size
         self.patch_embed = nn.Linear(in_channels * p * p, hidden_size)
         self.time_embed = nn.Sequential(nn.Linear(256, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
@@ -167,7 +167,69 @@ class DeepFusionDiT(ModelMixin, ConfigMixin):
             nn.init.zeros_(layer.bias)
         self.gradient_checkpointing = False
 
-# %% ../nbs/07_dit.ipynb 23
+# %% ../nbs/07_dit.ipynb 22
+class LayerRouter(nn.Module):
+    "SemanticRouting's depth-wise mix: block i reads sum_l softmax(logits[i])_l LayerNorm(h_l), uniform at the start."
+
+    no_weight_decay = True  # mixing logits: weight decay would pull every block towards the uniform mix
+
+    def __init__(self, depth: int, num_llm_layers: int):
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(depth, num_llm_layers))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        "hidden [L, B, T, D] -> each block's text [depth, B, T, D]."
+        normed = F.layer_norm(hidden, hidden.shape[-1:])  # every layer at unit scale before the mix
+        return torch.einsum("nl,lbtd->nbtd", self.logits.softmax(-1).to(normed.dtype), normed)
+
+
+@attach(DeepFusionDiT, "_init_fusion")
+def _dit_init_fusion(self, fusion, num_llm_layers, depth, text_dim, layer_strategy, layer_offset, last_layer,
+                     stack_layers) -> None:
+    L = num_llm_layers
+    if isinstance(last_layer, bool) or not isinstance(last_layer, int) or not -L <= last_layer < L:
+        raise ValueError(f"last_layer must be an int in [{-L}, {L}) (an index into the LLM's {L} layers), got "
+                         f"{last_layer!r}")
+    self.layer_indices = ([last_layer % L] * depth if fusion == "last" else
+                          layer_map(L, depth, layer_strategy, layer_offset) if fusion in ("deep", "kv") else None)
+    self.stack_proj = self.router = None
+    if fusion == "stack":
+        if stack_layers is None:  # FLUX.2: the layers at 1/4, 1/2 and 3/4 of the depth
+            stack_layers = sorted({max(L * k // 4 - 1, 0) for k in (1, 2, 3)})
+            self.register_to_config(stack_layers=stack_layers)
+        if not stack_layers or len(set(stack_layers)) != len(stack_layers) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < L for i in stack_layers):
+            raise ValueError(f"stack_layers must be distinct layer indices in [0, {L}), got {stack_layers!r}")
+        self.stack_proj = nn.Linear(len(stack_layers) * text_dim, text_dim)
+    if fusion == "routed":
+        self.router = LayerRouter(depth, L)
+
+
+@attach(DeepFusionDiT, "layer_weights")
+def _dit_layer_weights(self) -> torch.Tensor:
+    "[depth, num_llm_layers]: how much of each LLM layer each block reads (rows sum to 1)."
+    depth, L = len(self.blocks), self.config.num_llm_layers
+    if self.router is not None:
+        return self.router.logits.detach().softmax(-1)
+    weights = torch.zeros(depth, L)
+    if self.stack_proj is not None:
+        weights[:, list(self.config.stack_layers)] = 1 / len(self.config.stack_layers)
+    else:
+        weights[torch.arange(depth), torch.tensor(self.layer_indices)] = 1.0
+    return weights
+
+
+@attach(DeepFusionDiT, "_block_texts")
+def _dit_block_texts(self, hidden: torch.Tensor) -> list[torch.Tensor]:
+    "Each block's text input [B, T, D] from the LayerStack's hidden states [L, B, T, D]."
+    if self.stack_proj is not None:
+        stacked = torch.cat([hidden[i] for i in self.config.stack_layers], -1)
+        return [self.stack_proj(stacked)] * len(self.blocks)
+    if self.router is not None:
+        return list(self.router(hidden))
+    return [hidden[j] for j in self.layer_indices]
+
+# %% ../nbs/07_dit.ipynb 26
 @attach(DeepFusionDiT, "_rope")
 def _dit_rope(self, n_text: int, height: int, width: int, device):
     "RoPE cos/sin of the sequence [text ; image grid]: text positions (or 0), then (row, column) per image token."
@@ -180,7 +242,7 @@ def _dit_valid_sizes(self, height: int, width: int) -> str:
     m = self.config.patch_size * (2 if self.config.downsample else 1)
     return f"height and width must be multiples of {m}, e.g. {height // m * m or m}x{width // m * m or m}"
 
-# %% ../nbs/07_dit.ipynb 26
+# %% ../nbs/07_dit.ipynb 29
 @attach(DeepFusionDiT, "forward")
 def _dit_forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond) -> torch.Tensor:
     "x [B, C, H, W], c_noise [B] (noise-level conditioning), cond: LayerStack (hidden [L, B, T, D], mask [B, T])."
@@ -208,7 +270,7 @@ def _dit_forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond) -> torch.Te
     rope_full = self._rope(n_text, gh, gw, x.device)
     rope_mid = self._rope(n_text, gh // 2, gw // 2, x.device) if len(self.mid) else None
     skips, before_down = [], None
-    depth = len(self.blocks)
+    depth, texts = len(self.blocks), self._block_texts(hidden)
     for i, block in enumerate(self.blocks):
         if len(self.mid) and i == self.mid.start:
             before_down = tokens
@@ -216,8 +278,8 @@ def _dit_forward(self, x: torch.Tensor, c_noise: torch.Tensor, cond) -> torch.Te
         if self.skip_proj is not None and i >= depth - depth // 2:
             tokens = self.skip_proj[depth - 1 - i](torch.cat([tokens, skips.pop()], dim=-1))
         rope, grid = (rope_mid, (gh // 2, gw // 2)) if i in self.mid else (rope_full, (gh, gw))
-        j = self.layer_indices[i]
-        args = (tokens, emb, hidden[j], mask, rope, grid) + ((cond.keys[j], cond.values[j]) if kv else ())
+        kv_args = (cond.keys[self.layer_indices[i]], cond.values[self.layer_indices[i]]) if kv else ()
+        args = (tokens, emb, texts[i], mask, rope, grid) + kv_args
         if torch.is_grad_enabled() and self.gradient_checkpointing:
             tokens = self._gradient_checkpointing_func(block, *args)
         else:

@@ -141,6 +141,66 @@ def test_layer_routing(fusion, strategy, expected):
         assert torch.equal(seen[i], stack.hidden[layer])
 
 
+def test_stack_and_routed_fusion_feed_each_block_what_their_equations_say():
+    import torch.nn.functional as F
+
+    stack = make_stack()
+    seen = {}
+
+    def record(model):
+        seen.clear()
+        for i, block in enumerate(model.blocks):
+            block.text_proj.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0]))
+        model(torch.randn(2, 4, 16, 16), torch.zeros(2), stack)
+
+    stacked = make_model(fusion="stack", stack_layers=[1, 4])  # FLUX.2: chosen layers side by side, one projection
+    record(stacked)
+    by_hand = stacked.stack_proj(torch.cat([stack.hidden[1], stack.hidden[4]], -1))
+    assert all(torch.equal(seen[i], by_hand) for i in range(4))
+    routed = make_model(fusion="routed")
+    with torch.no_grad():
+        routed.router.logits.normal_()
+    record(routed)
+    mix = routed.router.logits.softmax(-1)
+    for i in range(4):  # SemanticRouting: sum_l softmax(w_i)_l LN(h_l), by hand
+        expected = sum(mix[i, l] * F.layer_norm(stack.hidden[l], (TEXT_DIM,)) for l in range(L))
+        torch.testing.assert_close(seen[i], expected)
+    torch.testing.assert_close(routed.layer_weights(), mix.detach())
+    assert routed.router.no_weight_decay  # the train layer's param_groups leaves the logits undecayed
+
+
+@pytest.mark.parametrize("fusion, options, read", [
+    ("deep", {}, {0, 2, 3, 5}), ("last", {}, {5}), ("last", {"last_layer": -2}, {4}),
+    ("stack", {"stack_layers": [1, 3]}, {1, 3}), ("routed", {}, set(range(L)))])
+def test_perturbing_one_llm_layer_moves_the_output_only_if_the_model_reads_it(fusion, options, read):
+    model = make_model(fusion=fusion, **options)
+    stack, x = make_stack(), torch.randn(2, 4, 16, 16)
+    with torch.no_grad():
+        base = model(x, torch.zeros(2), stack)
+        for layer in range(L):
+            hidden = stack.hidden.clone()
+            hidden[layer] += torch.randn_like(hidden[layer]) * stack.mask[..., None]
+            moved = (model(x, torch.zeros(2), LayerStack(hidden, stack.mask)) - base).abs().max() > 1e-6
+            assert moved == (layer in read), (fusion, layer)
+    weights = model.layer_weights()
+    assert {int(j) for j in weights.sum(0).nonzero().flatten()} == read and torch.allclose(weights.sum(1),
+                                                                                         torch.ones(4))
+
+
+def test_new_fusion_modes_round_trip_and_bad_settings_are_named(tmp_path):
+    model = make_model(fusion="stack")  # default layers: 1/4, 1/2, 3/4 of the LLM's depth, saved resolved
+    assert model.config.stack_layers == [0, 2, 3]
+    model.save_pretrained(tmp_path / "stack")
+    again = DeepFusionDiT.from_pretrained(tmp_path / "stack")
+    stack, x = make_stack(), torch.randn(2, 4, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x, torch.zeros(2), stack), model(x, torch.zeros(2), stack))
+    with pytest.raises(ValueError, match="stack_layers must be distinct layer indices in \\[0, 6\\)"):
+        make_model(fusion="stack", stack_layers=[1, 6])
+    with pytest.raises(ValueError, match="last_layer must be an int in \\[-6, 6\\)"):
+        make_model(fusion="last", last_layer=-7)
+
+
 @pytest.mark.parametrize("size", [(16, 16), (16, 32), (24, 12)])  # grids 8x8, 8x16, 12x6 at patch 2
 @pytest.mark.parametrize("long_skips", [False, True])
 @pytest.mark.parametrize("downsample", [False, True])
