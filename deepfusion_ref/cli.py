@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thresholding", choices=THRESHOLDS, default=None)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-objects", type=int, default=None, help="default: the training data's")
+    p.add_argument("--compositions", choices=("seen", "unseen"), default=None,
+                   help="only scenes without / with the training data's held-out compositions (default: any)")
     p.add_argument("--out", default=None, help="write the metrics JSON here (always printed)")
     p.add_argument("--report", default=None, help="side-by-side HTML report (a PNG beside it)")
     p.add_argument("--device", default="cpu")
@@ -184,7 +186,7 @@ def _run_command(args) -> int:
     elif args.command == "eval":
         metrics = evaluate_pipeline(args.pipeline, args.n, args.seed, args.level, args.steps, args.guidance,
                                     args.thresholding, args.batch_size, args.max_objects, args.out, args.report,
-                                    args.device)
+                                    args.device, compositions=args.compositions)
         print(json.dumps(metrics, indent=1))
     elif args.command == "convert":
         from deepfusion_ref.flux import convert_to_safetensors

@@ -574,11 +574,13 @@ def _training_config(pipeline_dir) -> dict | None:
 def held_out_samples(pipeline, n: int = 32, seed: int | None = None, level: int = 5, steps: int = 18,
                      guidance: float = 3.0, thresholding: str | None = None, batch_size: int = 16,
                      max_objects: int | None = None, device: str = "cpu", progress: bool = True,
-                     training: dict | None = None, percentile: float = 0.995) -> dict:
+                     training: dict | None = None, percentile: float = 0.995,
+                     compositions: str | None = None) -> dict:
     """Images [N, 3, H, W] in [0, 1] of a pipeline (or a saved pipeline's folder) for the captions of `level` (1..6) of
     `n` held-out scenes, with the items and settings. `seed`: the scenes' and noise seed, by default the training
     scenes' seed + HELD_OUT_SEED_OFFSET (the training config comes from `training` or the folder's
-    training_config.json); `percentile`: dynamic thresholding's, when `thresholding="dynamic"`."""
+    training_config.json); `percentile`: dynamic thresholding's, when `thresholding="dynamic"`; `compositions`:
+    'seen' / 'unseen' scenes only (data.SceneDataset's, with the training data's held-out pairs and relations)."""
     from deepfusion_ref.data import SceneDataset
     from deepfusion_ref.pipeline import Text2ImagePipeline
     from tqdm.auto import tqdm
@@ -599,7 +601,8 @@ def held_out_samples(pipeline, n: int = 32, seed: int | None = None, level: int 
                           "held-out scenes")
     height, width = pipe.sample_size
     scenes = SceneDataset(n, width, height, seed, max_objects or data.get("max_objects", 4),
-                          data.get("exact_rgb_prob", 0.2))
+                          data.get("exact_rgb_prob", 0.2), compositions, data.get("held_out_pairs"),
+                          data.get("held_out_relations"))
     items = [scenes[i] for i in range(n)]
     prompts = [item["captions"][level - 1] for item in items]
     latents = torch.randn((n,) + pipe.latent_shape(height, width), generator=torch.Generator().manual_seed(seed))
@@ -611,7 +614,7 @@ def held_out_samples(pipeline, n: int = 32, seed: int | None = None, level: int 
                            latents=latents[chunk], output_type="pt", progress=False).images.cpu())
     settings = {"pipeline": name, "n": n, "seed": seed, "level": level, "steps": steps, "guidance": guidance,
                 "thresholding": thresholding, "percentile": percentile, "size": [height, width],
-                "pairs": "consecutive" if level == 5 else "all"}
+                "pairs": "consecutive" if level == 5 else "all", "compositions": compositions}
     return {"images": torch.cat(images), "items": items, "prompts": prompts, "settings": settings}
 
 # %% ../nbs/13a_experiment.ipynb 37
@@ -640,14 +643,15 @@ def score_held_out(samples: dict) -> tuple[dict, list[dict]]:
 def evaluate_pipeline(pipeline, n: int = 32, seed: int | None = None, level: int = 5, steps: int = 18,
                       guidance: float = 3.0, thresholding: str | None = None, batch_size: int = 16,
                       max_objects: int | None = None, out=None, report=None, device: str = "cpu",
-                      progress: bool = True, training: dict | None = None) -> dict:
+                      progress: bool = True, training: dict | None = None,
+                      compositions: str | None = None) -> dict:
     """`deepfusion eval`: `held_out_samples` scored by `score_held_out`; the metrics (written to `out` as JSON, and a
     side-by-side page of samples and clean renders to `report`)."""
     from deepfusion_ref.data import Scene, render
     from deepfusion_ref.evaluate import side_by_side_report
 
     samples = held_out_samples(pipeline, n, seed, level, steps, guidance, thresholding, batch_size, max_objects,
-                               device, progress, training)
+                               device, progress, training, compositions=compositions)
     metrics, _ = score_held_out(samples)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

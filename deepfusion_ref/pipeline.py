@@ -213,8 +213,10 @@ def _control_tensor(image, name: str) -> torch.Tensor:
         raise ValueError(f"{name}: a tensor control map must be [C, H, W], got shape {tuple(image.shape)}")
     if image.dtype == torch.uint8:
         return image.float() / 255
-    if not image.is_floating_point() or image.min() < 0 or image.max() > 1:
-        raise ValueError(f"{name}: float values must lie in [0, 1] (or pass uint8), got {image.dtype}")
+    if not image.is_floating_point():
+        raise TypeError(f"{name}: expected float values in [0, 1] or uint8, got {image.dtype}")
+    if image.min() < 0 or image.max() > 1:
+        raise ValueError(f"{name}: float values must lie in [0, 1], got [{image.min():.3g}, {image.max():.3g}]")
     return image.detach().float().cpu()
 
 

@@ -377,3 +377,17 @@ def test_report_config_holds_the_reports_values_and_its_stages_name_real_flux_bl
                  if p.requires_grad and n.startswith("net.transformer.") and "blocks" in n}
         trained.append(len(names))
     assert trained == [19, 19 + 19, 57]  # whole blocks, by the global index
+
+
+def test_eval_on_unseen_compositions_scores_only_scenes_with_a_held_out_composition(yaml_run, tmp_path):
+    from deepfusion_ref.data import HeldOut, Scene
+    from deepfusion_ref.experiment import held_out_samples
+
+    _, out = yaml_run
+    samples = held_out_samples(out / "pipeline", n=3, steps=1, compositions="unseen", progress=False)
+    assert samples["settings"]["compositions"] == "unseen"
+    assert all(HeldOut().found(Scene.from_dict(item["scene"])) for item in samples["items"])
+    args = ["eval", "--pipeline", str(out / "pipeline"), "--n", "2", "--steps", "1", "--compositions", "seen",
+            "--out", str(tmp_path / "seen.json")]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "seen.json").read_text())["settings"]["compositions"] == "seen"

@@ -264,3 +264,28 @@ def test_control_maps_are_the_scenes_exact_masks_and_ride_with_their_batches():
         assert any(torch.equal(data[j]["control"], control) for j in match)
     with pytest.raises(ValueError, match="kind must be one of"):
         control_map(scenes.scene(0), "canny")
+
+
+def test_held_out_compositions_never_reach_training_and_fill_the_test_set():
+    from deepfusion_ref.data import HELD_OUT_PAIRS, PALETTE, HeldOut, Scene, SceneDataset, SceneObject
+
+    held = HeldOut()
+    seen = SceneDataset(300, 32, 32, seed=5, max_objects=3, compositions="seen")
+    unseen = SceneDataset(40, 32, 32, seed=5, max_objects=3, compositions="unseen")
+    assert not any(held.found(seen.scene(i)) for i in range(len(seen)))
+    assert all(held.found(unseen.scene(i)) for i in range(len(unseen)))
+    assert torch.equal(unseen[7]["image"], SceneDataset(40, 32, 32, seed=5, max_objects=3,
+                                                         compositions="unseen")[7]["image"])  # deterministic
+    pairs = [(o.colour, o.shape) for i in range(len(seen)) for o in seen.scene(i).objects]
+    assert {c for c, _ in HELD_OUT_PAIRS} <= {c for c, _ in pairs}  # each colour still trains, with other shapes
+    # a relation triple by hand: a circle clearly left of a square (level 5: "... left of a ... square")
+    obj = lambda shape, x: SceneObject(shape, "grey", PALETTE["grey"], "small", x, 0.5)  # noqa: E731
+    scene = Scene([obj("circle", 0.2), obj("square", 0.8)])
+    assert held.found(scene) == [("circle", "left of", "square")] and not held.found(Scene([obj("square", 0.2),
+                                                                                            obj("circle", 0.8)]))
+    custom = SceneDataset(20, 32, 32, seed=1, max_objects=1, compositions="unseen", held_out_pairs=[["red", "circle"]])
+    assert all((o.colour, o.shape) == ("red", "circle") for i in range(20) for o in custom.scene(i).objects)
+    with pytest.raises(ValueError, match="held_out_pairs"):
+        SceneDataset(2, 32, 32, compositions="seen", held_out_pairs=[["crimson", "circle"]])
+    with pytest.raises(ValueError, match="compositions must be one of"):
+        SceneDataset(2, 32, 32, compositions="novel")
