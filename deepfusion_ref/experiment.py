@@ -374,22 +374,28 @@ def build_codec(section: dict | None, device="cpu"):
         return None
     from diffusers import AutoencoderKL
 
+    from deepfusion_ref.files import diffusers_load_options
+
     path = Path(section["path"])
     if not path.is_dir():
         raise ConfigError(f"codec.path: {str(path)!r} is not a folder (a saved AutoencoderKL)")
-    return AutoencoderKL.from_pretrained(path, subfolder=section.get("subfolder"), local_files_only=True).to(device)
+    return AutoencoderKL.from_pretrained(path, subfolder=section.get("subfolder"), local_files_only=True,
+                                         **diffusers_load_options()).to(device)
 
 
 def _pretrained_flux(cls, opts: dict):
     "FluxDenoiser.from_transformer of a FluxTransformer2DModel saved in a local folder (e.g. FLUX.1-dev's)."
     from diffusers import FluxTransformer2DModel
 
+    from deepfusion_ref.files import diffusers_load_options
+
     if "transformer_config" in opts:
         raise ConfigError("model: give transformer_path or transformer_config, not both (the folder has its config)")
     path, subfolder = Path(opts.pop("transformer_path")), opts.pop("transformer_subfolder", None)
     if not path.is_dir():
         raise ConfigError(f"model.transformer_path: {str(path)!r} is not a folder (a saved FluxTransformer2DModel)")
-    transformer = FluxTransformer2DModel.from_pretrained(path, subfolder=subfolder, local_files_only=True)
+    transformer = FluxTransformer2DModel.from_pretrained(path, subfolder=subfolder, local_files_only=True,
+                                                         **diffusers_load_options())
     if transformer.config.in_channels != 4 * opts["in_channels"]:
         raise ConfigError(f"model.transformer_path: the transformer reads {transformer.config.in_channels} packed "
                           f"channels, the data give {opts['in_channels']} (x 4); a FLUX transformer needs its VAE "

@@ -4,7 +4,7 @@
 
 # %% auto 0
 __all__ = ['MANIFEST', 'DamagedError', 'sha256_file', 'write_manifest', 'is_complete', 'verify_manifest', 'temporary_folder',
-           'replace_folder', 'recover_folders', 'FolderLock']
+           'replace_folder', 'recover_folders', 'FolderLock', 'diffusers_load_options']
 
 # %% ../nbs/00_files.ipynb 3
 import hashlib
@@ -168,3 +168,10 @@ class FolderLock:
 
     def __exit__(self, *exc):
         self.release()
+
+# %% ../nbs/00_files.ipynb 13
+def diffusers_load_options() -> dict:
+    "Options for a diffusers `from_pretrained`: the plain load (low_cpu_mem_usage=False) where accelerate is absent."
+    import importlib.util
+
+    return {} if importlib.util.find_spec("accelerate") is not None else {"low_cpu_mem_usage": False}

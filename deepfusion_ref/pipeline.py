@@ -19,7 +19,9 @@ from torch import nn
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from .files import MANIFEST, DamagedError, recover_folders, replace_folder, temporary_folder, verify_manifest, write_manifest
+from deepfusion_ref.files import (
+    MANIFEST, DamagedError, diffusers_load_options, recover_folders, replace_folder, temporary_folder, verify_manifest,
+    write_manifest)
 from .schedules import EDM, GuidedDenoiser, image_seq_len, make_objective, sample_objective
 from .thresholding import THRESHOLDS
 from .cond import LayerStack, LearnedNull, codec_decode, codec_encode, repeat_rows
@@ -386,7 +388,9 @@ def _load_pipeline(cls, directory, device=None, dtype: torch.dtype = torch.float
         warnings.warn(f"pipeline {directory} has no {MANIFEST} (saved before manifests existed): not verified")
     settings = _read_settings(directory)
     lm = load_language_model(directory / "language_model", dtype=dtype, device=device)
-    network = network_class(settings["network_class"]).from_pretrained(directory / "network").to(device or "cpu")
+    quiet = diffusers_load_options()
+    network = network_class(settings["network_class"]).from_pretrained(directory / "network", **quiet)
+    network = network.to(device or "cpu")
     null = None
     if settings["null"] is not None:
         null = LearnedNull(**settings["null"])
@@ -396,7 +400,7 @@ def _load_pipeline(cls, directory, device=None, dtype: torch.dtype = torch.float
     if settings["codec"]:
         from diffusers import AutoencoderKL
 
-        codec = AutoencoderKL.from_pretrained(directory / "codec").to(device or "cpu")
+        codec = AutoencoderKL.from_pretrained(directory / "codec", **quiet).to(device or "cpu")
     return cls(lm, network.eval(), settings["objective"], null, codec, tuple(settings["sample_size"]))
 
 

@@ -391,3 +391,22 @@ def test_eval_on_unseen_compositions_scores_only_scenes_with_a_held_out_composit
             "--out", str(tmp_path / "seen.json")]
     assert main(args) == 0
     assert json.loads((tmp_path / "seen.json").read_text())["settings"]["compositions"] == "seen"
+
+
+def test_loading_a_pipeline_prints_no_accelerate_advice(yaml_run):
+    import io
+    import logging
+
+    from deepfusion_ref.files import diffusers_load_options
+    from deepfusion_ref.pipeline import Text2ImagePipeline
+
+    _, out = yaml_run
+    log = io.StringIO()
+    handler = logging.StreamHandler(log)
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        Text2ImagePipeline.from_pretrained(out / "pipeline")
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    assert "accelerate" not in log.getvalue()
+    assert diffusers_load_options() in ({}, {"low_cpu_mem_usage": False})
