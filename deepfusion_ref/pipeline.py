@@ -51,7 +51,7 @@ def load_language_model(directory, dtype: torch.dtype = torch.float32, device=No
 
 # %% ../nbs/12_pipeline.ipynb 7
 SAMPLERS = ("heun", "euler")
-OUTPUT_TYPES = ("pil", "np", "pt")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 def network_class(name: str):
@@ -272,20 +272,52 @@ def _check_call(prompts, negative, num_inference_steps, guidance_scale, threshol
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
 
 
+
+def _initial_latents(self, generator, count: int, shape: tuple, latents=None) -> torch.Tensor:
+    """The starting noise [count, *shape] in float32 on the pipeline's device: `latents` as given, else drawn as
+    diffusers' `randn_tensor` draws it (one generator for all, or one per image; a CPU generator stays on the CPU, so
+    the images do not depend on the device)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    if latents is not None:
+        if tuple(latents.shape) != (count,) + tuple(shape):
+            raise ValueError(f"latents: expected shape {(count,) + tuple(shape)}, got {tuple(latents.shape)}")
+        return latents.to(self.device, torch.float32)
+    if isinstance(generator, (list, tuple)) and len(generator) != count:
+        raise ValueError(f"generator: a list needs one generator per image ({count}), got {len(generator)}")
+    return randn_tensor((count,) + tuple(shape), generator=generator, device=self.device, dtype=torch.float32)
+
+
+def _to_output(self, x: torch.Tensor, output_type: str, return_dict: bool):
+    "Samples in the network's space -> ImagePipelineOutput (or a tuple) of 'latent', 'pt', 'np' or 'pil' images."
+    if output_type == "latent":
+        images = x
+    else:
+        pixels = (self.decode(x) + 1) / 2  # [0, 1], as diffusers returns
+        images = pixels.cpu()
+        if output_type in ("np", "pil"):
+            images = images.permute(0, 2, 3, 1).numpy()
+        if output_type == "pil":
+            images = [Image.fromarray((a * 255).round().astype(np.uint8)) for a in images]
+    return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+# %% ../nbs/12_pipeline.ipynb 20
 @torch.no_grad()
 def _call(self, prompt, negative_prompt=None, height: int | None = None, width: int | None = None,
           num_inference_steps: int = 18, guidance_scale: float = 3.0, thresholding: str | None = None,
           percentile: float = 0.995, sampler: str | None = None, generator: torch.Generator | None = None,
           num_images_per_prompt: int = 1, output_type: str = "pil", progress: bool = True, image=None,
           image_weights=None, region_centre=None, region_radius: float = 0.5, latents: torch.Tensor | None = None,
-          callback_on_step_end=None, control_image=None, controlnet_conditioning_scale: float = 1.0):
+          callback_on_step_end=None, control_image=None, controlnet_conditioning_scale: float = 1.0,
+          return_dict: bool = True):
     """Images in [0, 1] for `prompt` (str or list), as diffusers pipelines return them. `sampler`: 'heun' | 'euler'
     (None: the objective's own, Heun for EDM, Euler for flow and VP). `image`: reference image(s) for a Qwen2-VL
     language model (PIL, tensor [3, H, W] in [0, 1] or uint8, numpy [H, W, 3]); `region_centre` = (x, y) and
     `region_radius` (or a grid `image_weights`) weight its visual tokens, GridDot's region control. `control_image`:
     a ControlNet's map(s) at the output's size, its residuals scaled by `controlnet_conditioning_scale`.
     `callback_on_step_end(pipe, i, t, {"latents": x})` runs after every step (t in the objective's own time) and may
-    return {"latents": replacement}. Returns ImagePipelineOutput."""
+    return {"latents": replacement}. `generator`: one, or a list of one per image; `output_type="latent"` returns the
+    samples undecoded. Returns ImagePipelineOutput, or a tuple `(images,)` with `return_dict=False`."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     negative = None if negative_prompt is None else (
         [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt))
@@ -303,8 +335,7 @@ def _call(self, prompt, negative_prompt=None, height: int | None = None, width: 
                                 control_scale=float(controlnet_conditioning_scale)) for s in (cond, uncond))
     guided = GuidedDenoiser(self.denoiser, cond, uncond, guidance_scale, thresholding, percentile)
     timesteps = self.objective.timesteps(num_inference_steps, image_seq_len=image_seq_len(self.network, *shape[1:]))
-    if latents is None:
-        latents = torch.randn((len(prompts) * n,) + shape, generator=generator)
+    latents = _initial_latents(self, generator, len(prompts) * n, shape, latents)
 
     def step_end(i, t, x):
         if callback_on_step_end is None:
@@ -312,23 +343,15 @@ def _call(self, prompt, negative_prompt=None, height: int | None = None, width: 
         out = callback_on_step_end(self, i, t, {"latents": x})
         return None if not out else out.get("latents")
 
-    x = sample_objective(self.objective, guided, latents.to(self.device, torch.float32), timesteps, sampler,
-                         step_end, progress)
+    x = sample_objective(self.objective, guided, latents, timesteps, sampler, step_end, progress)
     if not torch.isfinite(x).all():
         raise FloatingPointError(f"the sampled images contain NaN or inf (damaged weights, or guidance_scale="
                                  f"{guidance_scale} too large for this model): no image was written")
-    pixels = (self.decode(x) + 1) / 2  # [0, 1], as diffusers returns
-    if output_type == "pt":
-        return ImagePipelineOutput(images=pixels.cpu())
-    arrays = pixels.permute(0, 2, 3, 1).cpu().numpy()
-    if output_type == "np":
-        return ImagePipelineOutput(images=arrays)
-    return ImagePipelineOutput(images=[Image.fromarray((a * 255).round().astype(np.uint8)) for a in arrays])
-
+    return _to_output(self, x, output_type, return_dict)
 
 Text2ImagePipeline.__call__ = _call
 
-# %% ../nbs/12_pipeline.ipynb 20
+# %% ../nbs/12_pipeline.ipynb 22
 PIPELINE_FILE = "pipeline.json"
 PIPELINE_KEYS = ("network_class", "objective", "sample_size", "null", "codec")
 

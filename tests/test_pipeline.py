@@ -65,8 +65,25 @@ def test_output_types(pipe):
     tensors = call(pipe, output_type="pt", num_images_per_prompt=2)
     assert arrays.shape == (4, 16, 16, 3) and np.allclose(arrays, tensors.permute(0, 2, 3, 1).numpy())
     assert np.abs(np.asarray(pil[3], dtype=np.float32) / 255 - arrays[3]).max() <= 0.5 / 255 + 1e-6
+    latent = call(pipe, output_type="latent", num_images_per_prompt=2)  # undecoded: in pixel space, before clamping
+    assert torch.allclose((latent.clamp(-1, 1) + 1) / 2, tensors)
+    as_tuple = pipe(PROMPTS2, generator=torch.Generator().manual_seed(0), num_inference_steps=4, output_type="pt",
+                    progress=False, return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], call(pipe))  # diffusers' return_dict=False
     with pytest.raises(ValueError, match="output_type"):
-        call(pipe, output_type="latent")
+        call(pipe, output_type="tensor")
+
+
+def test_a_list_of_generators_gives_each_image_its_own_noise(pipe):
+    # diffusers' convention: image i's noise comes from generator i, so it does not depend on the other images
+    both = pipe(PROMPTS2, generator=[torch.Generator().manual_seed(s) for s in (5, 6)], num_inference_steps=4,
+                output_type="pt", progress=False).images
+    second_alone = call(pipe, prompts=PROMPTS2[1:], seed=6)
+    torch.testing.assert_close(both[1:], second_alone, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="generator: a list needs one generator per image"):
+        pipe(PROMPTS2, generator=[torch.Generator()], num_inference_steps=2, progress=False)
+    with pytest.raises(ValueError, match="latents: expected shape"):
+        pipe(PROMPTS2, latents=torch.zeros(1, 3, 16, 16), num_inference_steps=2, progress=False)
 
 
 def test_non_square_size_and_impossible_size_error(pipe):
