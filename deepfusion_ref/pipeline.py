@@ -200,28 +200,6 @@ def _grid_weights(images, image_weights, region_centre, region_radius):
 
 
 # %% ../nbs/12_pipeline.ipynb 16
-def _control_tensor(image, name: str) -> torch.Tensor:
-    "A control map as floats [C, H, W] in [0, 1]: PIL, a tensor [C, H, W] (float in [0, 1] or uint8), numpy [H, W(, C)]."
-    if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
-    if isinstance(image, np.ndarray):
-        if image.ndim not in (2, 3):
-            raise ValueError(f"{name}: a numpy control map must be [H, W] or [H, W, C], got shape {image.shape}")
-        image = torch.from_numpy(np.array(image))
-        image = image[None] if image.ndim == 2 else image.permute(2, 0, 1)
-    if not isinstance(image, torch.Tensor):
-        raise TypeError(f"{name}: expected a PIL image, a tensor [C, H, W] or a numpy array, got {type(image).__name__}")
-    if image.ndim != 3:
-        raise ValueError(f"{name}: a tensor control map must be [C, H, W], got shape {tuple(image.shape)}")
-    if image.dtype == torch.uint8:
-        return image.float() / 255
-    if not image.is_floating_point():
-        raise TypeError(f"{name}: expected float values in [0, 1] or uint8, got {image.dtype}")
-    if image.min() < 0 or image.max() > 1:
-        raise ValueError(f"{name}: float values must lie in [0, 1], got [{image.min():.3g}, {image.max():.3g}]")
-    return image.detach().float().cpu()
-
-
 def _control_maps(pipe, control_image, count: int, height: int, width: int, scale) -> torch.Tensor | None:
     "`control_image` as a batch [count, C, h, w] in the network's input space (None: no control), every check up front."
     if control_image is None:
@@ -242,7 +220,7 @@ def _control_maps(pipe, control_image, count: int, height: int, width: int, scal
     maps = []
     for i, image in enumerate(control_image):
         name = f"control_image[{i}]" if listed else "control_image"
-        m = _control_tensor(image, name)
+        m = image_tensor(image, name, channels=None)  # any channel count: checked against the network below
         if tuple(m.shape[-2:]) != (height, width):
             raise ValueError(f"{name}: must have the output's size {height}x{width} (height x width), got "
                              f"{m.shape[-2]}x{m.shape[-1]}")

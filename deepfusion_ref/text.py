@@ -366,23 +366,24 @@ def build_caption_lm(captions: list[str], out_dir, vocab_size: int = 512, layers
     return _save_lm(out_dir, model, tokenizer, losses)
 
 # %% ../nbs/04_text.ipynb 32
-def image_tensor(image, name: str = "image") -> torch.Tensor:
-    "A reference image as floats [3, H, W] in [0, 1], from PIL, a tensor [3, H, W] or a numpy array [H, W, 3]."
+def image_tensor(image, name: str = "image", channels: tuple | None = (3,)) -> torch.Tensor:
+    """An image as floats [C, H, W] in [0, 1], from PIL (as RGB), a tensor [C, H, W] (float in [0, 1] or uint8) or a
+    numpy array [H, W, C] ([H, W] too where 1 channel is allowed); `channels`: the allowed C (None: any)."""
     import numpy as np
     from PIL import Image
 
+    shape = "[3, H, W]" if channels == (3,) else "[C, H, W]"
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
     if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[-1] != 3:
-            raise ValueError(f"{name}: a numpy image must be [H, W, 3], got shape {image.shape}")
+        if not (image.ndim == 3 or (image.ndim == 2 and (channels is None or 1 in channels))):
+            raise ValueError(f"{name}: a numpy image must be [H, W, C], got shape {image.shape}")
         image = torch.from_numpy(np.array(image))  # a copy: PIL's arrays are read-only
-        image = image.permute(2, 0, 1)
+        image = image[None] if image.ndim == 2 else image.permute(2, 0, 1)
     if not isinstance(image, torch.Tensor):
-        raise TypeError(f"{name}: expected a PIL image, a tensor [3, H, W] or a numpy array [H, W, 3], "
-                        f"got {type(image).__name__}")
-    if image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f"{name}: a tensor image must be [3, H, W], got shape {tuple(image.shape)}")
+        raise TypeError(f"{name}: expected a PIL image, a tensor {shape} or a numpy array, got {type(image).__name__}")
+    if image.ndim != 3 or (channels is not None and image.shape[0] not in channels):
+        raise ValueError(f"{name}: a tensor image must be {shape} with C in {channels}, got shape {tuple(image.shape)}")
     if image.dtype == torch.uint8:
         return image.float().div(255)
     if not image.is_floating_point():
