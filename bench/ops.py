@@ -16,6 +16,8 @@ time, so > 1 means the kernel is faster):
 """
 import argparse
 import json
+import platform
+import sys
 
 import torch
 import torch.utils.benchmark as benchmark
@@ -51,17 +53,20 @@ def main():
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per measurement")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--json", help="also write the rows to this JSON file")
-    parser.add_argument("--only", choices=["group_norm"], help="run only this op's rows")
+    parser.add_argument("--crossover", action="store_true",
+                        help="with --only group_norm: small sizes too, and which path impl='auto' takes")
+    parser.add_argument("--only", choices=["group_norm", "dit"], help="run only the group_norm_silu or the DiT ops' rows")
     args = parser.parse_args()
     if not ops.kernel_available("dynamic_threshold", args.device):
         raise SystemExit(f"no compiled dynamic_threshold kernel for {args.device}: build the extension first")
 
     dtype = getattr(torch, args.dtype)
-    if args.only == "group_norm":
-        rows = bench_group_norm(args, dtype)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=1)
+    if args.device == "cpu":  # both sides dispatch on the CPU's instruction set at run time (ATEN_CPU_CAPABILITY caps both)
+        print(f"CPU kernels: {torch.ops.deepfusion_ref.cpu_isa()}; torch: {torch.backends.cpu.get_cpu_capability()}; "
+              f"{torch.get_num_threads()} threads\n")
+    if args.only:
+        rows = {"group_norm": bench_group_norm, "dit": bench_dit_ops}[args.only](args, dtype)
+        write_json(args, rows)
         return
     kernel = lambda x: ops.dynamic_threshold(x, 0.995, None, impl="extension")[0]  # noqa: E731
     reference = lambda x: ops.dynamic_threshold_reference(x, 0.995, None)[0]  # noqa: E731
@@ -94,9 +99,22 @@ def main():
               f"{ratio('compiled_ms'):>12} {ratio('copy_ms'):>8}")
     rows += bench_dit_ops(args, dtype)
     rows += bench_group_norm(args, dtype)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_json(args, rows)
+
+
+def write_json(args, rows):
+    "The rows and what they were measured with (command, instruction sets, threads, versions)."
+    if not args.json:
+        return
+    config = {"command": " ".join(["python", "bench/ops.py", *sys.argv[1:]]), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "device": args.device, "dtype": args.dtype,
+              "min_time_s": args.min_time, "processor": platform.processor() or platform.machine()}
+    if args.device == "cpu":
+        config |= {"kernel_isa": torch.ops.deepfusion_ref.cpu_isa(),
+                   "torch_isa": torch.backends.cpu.get_cpu_capability(),
+                   "group_norm_cpu_min_elements": ops.GROUP_NORM_CPU_MIN_ELEMENTS}
+    with open(args.json, "w") as f:
+        json.dump({"config": config, "rows": rows}, f, indent=1)
 
 
 DIT_SIZES = {"cpu": [(4, 256, 384, 6), (2, 1024, 768, 12)], "cuda": [(4, 1024, 1536, 24), (2, 4096, 3072, 24)]}
@@ -142,15 +160,27 @@ def bench_dit_ops(args, dtype):
     return rows
 
 
-GROUP_NORM_SIZES = {"cpu": [(8, 128, 32, 32), (4, 256, 64, 64)], "cuda": [(8, 128, 32, 32), (4, 256, 64, 64),
-                                                                       (16, 512, 64, 64)]}
+# The U-Nets' sizes: the quickstart's and imagen-pytorch's 64x64 stages (8x128x32x32, 4x256x16x16, 4x64x64x64) and a
+# 256-channel 64x64 block.
+GROUP_NORM_SIZES = {"cpu": [(8, 128, 32, 32), (4, 256, 16, 16), (4, 64, 64, 64), (4, 256, 64, 64)],
+                    "cuda": [(8, 128, 32, 32), (4, 256, 64, 64), (16, 512, 64, 64)]}
+
+
+# Below and around ops.GROUP_NORM_CPU_MIN_ELEMENTS (2^18): where impl="auto" switches from reference to kernel.
+GROUP_NORM_CROSSOVER_SIZES = [(2, 64, 8, 8), (4, 128, 8, 8), (2, 32, 32, 32), (4, 128, 16, 16), (8, 64, 16, 16),
+                              (1, 64, 64, 64), (2, 128, 32, 32)]
 
 
 def bench_group_norm(args, dtype, groups=32):
     "group_norm_silu with weight, bias and FiLM scale/shift vs F.silu(F.group_norm(x) * (1 + s) + t), both layouts."
     device = args.device
-    print(f"\ngroup_norm_silu on {device}, {args.dtype}, {groups} groups, with FiLM; ratio = baseline / kernel")
-    header = f"{'layout':>14} {'size':>16} {'pass':>8} {'kernel ms':>10} {'vs eager':>9} {'vs compiled':>12}"
+    sizes = GROUP_NORM_SIZES[device]
+    if getattr(args, "crossover", False):
+        sizes = GROUP_NORM_CROSSOVER_SIZES + sizes
+    print(f"\ngroup_norm_silu on {device}, {args.dtype}, {groups} groups, with FiLM; ratio = baseline / kernel; "
+          f"auto: the path impl='auto' takes")
+    header = (f"{'layout':>14} {'size':>16} {'pass':>8} {'kernel ms':>10} {'vs eager':>9} {'vs compiled':>12} "
+              f"{'auto':>10}")
     print(header)
     print("-" * len(header))
     rows = []
@@ -160,7 +190,7 @@ def bench_group_norm(args, dtype, groups=32):
         return F.silu(F.group_norm(x, groups, w, b) * (1 + s[:, :, None, None]) + t[:, :, None, None])
 
     compiled = None if args.no_compile else torch.compile(eager)
-    for size in GROUP_NORM_SIZES[device]:
+    for size in sizes:
         n, c = size[:2]
         w, b = (torch.randn(c, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
         s, t = (torch.randn(n, c, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
@@ -175,7 +205,8 @@ def bench_group_norm(args, dtype, groups=32):
                     return lambda u: fn(u, w, b, s, t).sum().backward()
                 kernel = lambda u, *p: ops.group_norm_silu(u, p[0], p[1], groups, p[2], p[3], impl="extension")  # noqa: E731
                 row = {"op": "group_norm_silu", "size": "x".join(map(str, size)), "layout": layout, "pass": pass_,
-                       "device": device, "dtype": args.dtype}
+                       "device": device, "dtype": args.dtype,
+                       "auto": "kernel" if ops.group_norm_silu_uses_kernel(x) else "reference"}
                 row["kernel_ms"] = median_ms(timed(kernel), x, args.min_time)
                 row["eager_ms"] = median_ms(timed(eager), x, args.min_time)
                 if compiled is not None:
@@ -183,7 +214,7 @@ def bench_group_norm(args, dtype, groups=32):
                 rows.append(row)
                 ratio = lambda k: f"{row[k] / row['kernel_ms']:.2f}x" if k in row else "n/a"  # noqa: E731
                 print(f"{layout:>14} {row['size']:>16} {pass_:>8} {row['kernel_ms']:>10.3f} {ratio('eager_ms'):>9} "
-                      f"{ratio('compiled_ms'):>12}")
+                      f"{ratio('compiled_ms'):>12} {row['auto']:>10}")
     return rows
 
 

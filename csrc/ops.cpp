@@ -12,6 +12,7 @@
 
 #include <torch/library.h>
 
+#include "cpu/isa.h"
 #include "cpu/ops.h"
 
 // `import deepfusion_ref._C` loads this library, which runs the registrations below. The module itself
@@ -41,6 +42,8 @@ TORCH_LIBRARY(deepfusion_ref, m) {
   // [N, C] in the compute dtype; the parameter gradients follow from A and B in Python.
   m.def("group_norm_silu_backward(Tensor grad, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, "
         "Tensor? scale, Tensor? shift, int num_groups, bool act) -> (Tensor, Tensor, Tensor)");
+  // The instruction set the CPU kernels run with on this machine: "avx512", "avx2" or "base" (csrc/cpu/isa.h).
+  m.def("cpu_isa() -> str", []() { return std::string(cpu::cpu_isa_name()); });
 }
 
 TORCH_LIBRARY_IMPL(deepfusion_ref, CPU, m) {
