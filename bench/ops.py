@@ -16,6 +16,7 @@ time, so > 1 means the kernel is faster):
 """
 import argparse
 import json
+import os
 import platform
 import sys
 
@@ -54,7 +55,7 @@ def main():
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--crossover", action="store_true",
-                        help="with --only group_norm: small sizes too, and which path impl='auto' takes")
+                        help="group_norm_silu at small sizes too, around the crossover where impl='auto' switches")
     parser.add_argument("--only", choices=["group_norm", "dit"], help="run only the group_norm_silu or the DiT ops' rows")
     args = parser.parse_args()
     if not ops.kernel_available("dynamic_threshold", args.device):
@@ -106,7 +107,9 @@ def write_json(args, rows):
     "The rows and what they were measured with (command, instruction sets, threads, versions)."
     if not args.json:
         return
-    config = {"command": " ".join(["python", "bench/ops.py", *sys.argv[1:]]), "torch": torch.__version__,
+    cap = os.environ.get("ATEN_CPU_CAPABILITY")
+    command = " ".join([f"ATEN_CPU_CAPABILITY={cap}"] * bool(cap) + ["python", "bench/ops.py", *sys.argv[1:]])
+    config = {"command": command, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "device": args.device, "dtype": args.dtype,
               "min_time_s": args.min_time, "processor": platform.processor() or platform.machine()}
     if args.device == "cpu":
@@ -166,9 +169,9 @@ GROUP_NORM_SIZES = {"cpu": [(8, 128, 32, 32), (4, 256, 16, 16), (4, 64, 64, 64),
                     "cuda": [(8, 128, 32, 32), (4, 256, 64, 64), (16, 512, 64, 64)]}
 
 
-# Below and around ops.GROUP_NORM_CPU_MIN_ELEMENTS (2^18): where impl="auto" switches from reference to kernel.
+# Below and around ops.GROUP_NORM_CPU_MIN_ELEMENTS (2^19): where impl="auto" switches from reference to kernel.
 GROUP_NORM_CROSSOVER_SIZES = [(2, 64, 8, 8), (4, 128, 8, 8), (2, 32, 32, 32), (4, 128, 16, 16), (8, 64, 16, 16),
-                              (1, 64, 64, 64), (2, 128, 32, 32)]
+                              (1, 64, 64, 64), (2, 128, 32, 32), (2, 64, 64, 64), (4, 128, 32, 32)]
 
 
 def bench_group_norm(args, dtype, groups=32):
@@ -189,8 +192,10 @@ def bench_group_norm(args, dtype, groups=32):
     def eager(x, w, b, s, t):
         return F.silu(F.group_norm(x, groups, w, b) * (1 + s[:, :, None, None]) + t[:, :, None, None])
 
-    compiled = None if args.no_compile else torch.compile(eager)
     for size in sizes:
+        # dynamo's cache starts empty per size: shared, it would hit its recompile limit and run eager
+        torch._dynamo.reset()
+        compiled = None if args.no_compile else torch.compile(eager)
         n, c = size[:2]
         w, b = (torch.randn(c, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
         s, t = (torch.randn(n, c, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
