@@ -1,18 +1,52 @@
-"""Efficient U-Net vs the standard U-Net at equal parameter count: train-step throughput and peak memory.
+"""Efficient U-Net vs the standard U-Net at equal parameter count, and vs diffusers' UNet2DConditionModel (Stable
+Diffusion's U-Net, cross-attention to the text in its inner levels) at equal parameters: train-step throughput and
+peak memory, timed in interleaved rounds (bench/timing.py).
 
-    python bench/unet.py --device cpu --sizes 64 256 --batch 2 --steps 3
+    python bench/unet.py --device cpu --sizes 64 256 --batch 2 --steps 3 --rounds 3
 
-Prints, per size, each model's img/s and memory and the ratios Efficient / standard (throughput > 1 and memory < 1
-mean the Efficient U-Net is better). Memory: torch.cuda.max_memory_allocated on a GPU; on the CPU parameters +
-gradients + AdamW state + the activations autograd saves for backward (measure.measure_train_step).
+Prints, per size, each model's img/s and memory as median [min-max] over rounds, and the ratios
+Efficient / other per round (throughput > 1 and memory < 1 mean the Efficient U-Net is better). Memory:
+torch.cuda.max_memory_allocated on a GPU; on the CPU parameters + gradients + AdamW state + the activations autograd
+saves for backward (measure.measure_train_step), which does not vary between rounds.
 """
 import argparse
 import json
+import sys
+from types import SimpleNamespace
 
 import torch
+from torch import nn
 
 from deepfusion_ref.measure import measure_train_step
 from deepfusion_ref.unet import EfficientUNet, UNet, count_parameters, matched_configs
+from timing import fmt, interleaved, paired_ratios, spread
+
+
+class DiffusersUNet(nn.Module):
+    "diffusers' UNet2DConditionModel behind measure_train_step's interface: (x, c_noise, LayerStack, aug) -> output."
+
+    def __init__(self, width: int, text_dim: int, in_channels: int = 3):
+        super().__init__()
+        from diffusers import UNet2DConditionModel
+
+        # SD's layout at laboratory width: 4 levels (1, 2, 4, 4) x width, two res blocks each, cross-attention in the
+        # three inner levels and the middle; groups of 8 channels so any multiple of 8 is a valid width.
+        self.unet = UNet2DConditionModel(
+            in_channels=in_channels, out_channels=3, block_out_channels=(width, 2 * width, 4 * width, 4 * width),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            layers_per_block=2, cross_attention_dim=text_dim, attention_head_dim=8, norm_num_groups=8)
+        self.config = SimpleNamespace(in_channels=in_channels, out_channels=3, text_dim=text_dim, aug_embed=False)
+
+    def forward(self, x, c_noise, text, aug=None):
+        return self.unet(x, c_noise, encoder_hidden_states=text.hidden[-1], encoder_attention_mask=text.mask,
+                         return_dict=False)[0]
+
+
+def diffusers_width(target: int, text_dim: int) -> int:
+    "The width (a multiple of 8) whose UNet2DConditionModel parameter count is closest to target."
+    with torch.device("meta"):
+        return min(range(8, 257, 8), key=lambda w: abs(count_parameters(DiffusersUNet(w, text_dim)) - target))
 
 
 def main():
@@ -21,34 +55,54 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--width", type=int, default=32, help="Efficient U-Net base width (the standard is matched)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per model per round (the median is kept)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--width", type=int, default=32, help="Efficient U-Net base width (the others are matched)")
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--no-diffusers", action="store_true", help="leave out diffusers' UNet2DConditionModel")
+    parser.add_argument("--json", help="also write the results (with this command) to this file")
     args = parser.parse_args()
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # not the per-call "modules to keep in float32" notice of ModelMixin.to
     dtype = getattr(torch, args.dtype)
     eff_cfg, std_cfg = matched_configs(args.width)
-    rows = []
+    torch.manual_seed(0)
+    models = {"efficient": EfficientUNet(**eff_cfg), "standard": UNet(**std_cfg)}
+    if not args.no_diffusers:
+        width = diffusers_width(count_parameters(models["efficient"]), eff_cfg["text_dim"])
+        models["diffusers"] = DiffusersUNet(width, eff_cfg["text_dim"])
+    for name, model in models.items():
+        print(f"{name:>10}: {count_parameters(model) / 1e6:6.2f}M parameters")
+    results = {"command": " ".join(["python", "bench/unet.py", *sys.argv[1:]]), "threads": torch.get_num_threads(),
+               "parameters": {name: count_parameters(m) for name, m in models.items()}, "rows": []}
     for size in args.sizes:
-        result = {}
-        for name, cls, cfg in [("efficient", EfficientUNet, eff_cfg), ("standard", UNet, std_cfg)]:
-            torch.manual_seed(0)
-            model = cls(**cfg)
-            result[name] = measure_train_step(model, size, args.batch, args.steps, args.device, dtype,
-                                              args.channels_last)
-            print(f"{size:>5} {name:>9}: {count_parameters(model) / 1e6:6.2f}M params  "
-                  f"{result[name]['images_per_s']:8.2f} img/s  peak {result[name]['peak_bytes'] / 2**20:9.1f} MiB  "
-                  f"activations {result[name]['activation_bytes'] / 2**20:9.1f} MiB", flush=True)
-            del model
-        e, s = result["efficient"], result["standard"]
-        ratios = dict(throughput=e["images_per_s"] / s["images_per_s"], peak_memory=e["peak_bytes"] / s["peak_bytes"],
-                      activation_memory=e["activation_bytes"] / s["activation_bytes"])
-        print(f"{size:>5} efficient/standard: throughput x{ratios['throughput']:.2f}, peak memory "
-              f"x{ratios['peak_memory']:.2f}, activation memory x{ratios['activation_memory']:.2f}")
-        rows.append(dict(size=size, ratios=ratios, **result))
+        last = {}
+
+        def measure(name, size=size):
+            last[name] = measure_train_step(models[name], size, args.batch, args.steps, args.device, dtype,
+                                            args.channels_last)
+            return last[name]["images_per_s"]
+
+        speed = interleaved({name: (lambda name=name: measure(name)) for name in models}, args.rounds)
+        row = {"size": size, "images_per_s": {n: spread(v) for n, v in speed.items()},
+               "peak_bytes": {n: last[n]["peak_bytes"] for n in models},
+               "activation_bytes": {n: last[n]["activation_bytes"] for n in models}, "ratios": {}}
+        for name in models:
+            print(f"{size:>5} {name:>10}: {fmt(row['images_per_s'][name])} img/s  peak "
+                  f"{row['peak_bytes'][name] / 2**20:9.1f} MiB  activations {row['activation_bytes'][name] / 2**20:9.1f} MiB")
+        for other in [n for n in models if n != "efficient"]:
+            ratio = paired_ratios(speed, "efficient", other)
+            row["ratios"][other] = {"throughput": ratio,
+                                    "peak_memory": row["peak_bytes"]["efficient"] / row["peak_bytes"][other],
+                                    "activation_memory": row["activation_bytes"]["efficient"] / row["activation_bytes"][other]}
+            r = row["ratios"][other]
+            print(f"{size:>5} efficient/{other}: throughput {fmt(ratio, unit='x')}, peak memory x{r['peak_memory']:.2f}, "
+                  f"activation memory x{r['activation_memory']:.2f}")
+        results["rows"].append(row)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":
