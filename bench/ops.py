@@ -56,13 +56,14 @@ def main():
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--crossover", action="store_true",
                         help="group_norm_silu at small sizes too, around the crossover where impl='auto' switches")
-    parser.add_argument("--only", choices=["group_norm", "dit"], help="run only the group_norm_silu or the DiT ops' rows")
+    parser.add_argument("--only", choices=["group_norm", "dit"],
+                        help="run only the group_norm_silu or the DiT ops' rows")
     args = parser.parse_args()
     if not ops.kernel_available("dynamic_threshold", args.device):
         raise SystemExit(f"no compiled dynamic_threshold kernel for {args.device}: build the extension first")
 
     dtype = getattr(torch, args.dtype)
-    if args.device == "cpu":  # both sides dispatch on the CPU's instruction set at run time (ATEN_CPU_CAPABILITY caps both)
+    if args.device == "cpu":  # both sides pick their instruction set at run time; ATEN_CPU_CAPABILITY caps both
         print(f"CPU kernels: {torch.ops.deepfusion_ref.cpu_isa()}; torch: {torch.backends.cpu.get_cpu_capability()}; "
               f"{torch.get_num_threads()} threads\n")
     if args.only:

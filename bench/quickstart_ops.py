@@ -3,7 +3,7 @@ end, with the compiled ops, with every op's pure-PyTorch reference (DEEPFUSION_R
 torch.compile: a training step (forward, MSE, backward, AdamW) and a sampling step (forward, no grad), timed in
 interleaved rounds (bench/timing.py) in one process.
 
-    .venv/bin/python bench/quickstart_ops.py [--rounds 5] [--no-compile] [--json docs/results/performance_quickstart.json]
+    .venv/bin/python bench/quickstart_ops.py [--rounds 5] [--no-compile] [--json out.json]
 
 Ratios are the other variant's time / the compiled ops' (eager) time: > 1 means the compiled ops are faster."""
 import argparse
@@ -104,7 +104,8 @@ for kind, make in (("train", train_step), ("sample", sample_step)):
         ratio = paired_ratios(times, name, "compiled ops")
         print(f"{kind:>6} {name:>30}: {fmt(spread(times[name]))} ms  "
               f"{'' if name == 'compiled ops' else 'time / compiled ops: ' + fmt(ratio, unit='x')}")
-        results["rows"].append({"step": kind, "variant": name, "ms": spread(times[name]), "time_vs_compiled_ops": ratio})
+        results["rows"].append({"step": kind, "variant": name, "ms": spread(times[name]),
+                                "time_vs_compiled_ops": ratio})
 if args.json:
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)

@@ -89,16 +89,16 @@ def main():
                "peak_bytes": {n: last[n]["peak_bytes"] for n in models},
                "activation_bytes": {n: last[n]["activation_bytes"] for n in models}, "ratios": {}}
         for name in models:
-            print(f"{size:>5} {name:>10}: {fmt(row['images_per_s'][name])} img/s  peak "
-                  f"{row['peak_bytes'][name] / 2**20:9.1f} MiB  activations {row['activation_bytes'][name] / 2**20:9.1f} MiB")
+            mib = lambda key: row[key][name] / 2**20  # noqa: E731
+            print(f"{size:>5} {name:>10}: {fmt(row['images_per_s'][name])} img/s  peak {mib('peak_bytes'):9.1f} MiB  "
+                  f"activations {mib('activation_bytes'):9.1f} MiB")
         for other in [n for n in models if n != "efficient"]:
             ratio = paired_ratios(speed, "efficient", other)
-            row["ratios"][other] = {"throughput": ratio,
-                                    "peak_memory": row["peak_bytes"]["efficient"] / row["peak_bytes"][other],
-                                    "activation_memory": row["activation_bytes"]["efficient"] / row["activation_bytes"][other]}
-            r = row["ratios"][other]
-            print(f"{size:>5} efficient/{other}: throughput {fmt(ratio, unit='x')}, peak memory x{r['peak_memory']:.2f}, "
-                  f"activation memory x{r['activation_memory']:.2f}")
+            over = lambda key: row[key]["efficient"] / row[key][other]  # noqa: E731
+            r = row["ratios"][other] = {"throughput": ratio, "peak_memory": over("peak_bytes"),
+                                        "activation_memory": over("activation_bytes")}
+            print(f"{size:>5} efficient/{other}: throughput {fmt(ratio, unit='x')}, peak memory "
+                  f"x{r['peak_memory']:.2f}, activation memory x{r['activation_memory']:.2f}")
         results["rows"].append(row)
     if args.json:
         with open(args.json, "w") as f:
