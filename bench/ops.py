@@ -34,9 +34,10 @@ QUANTILE_LIMIT = 2**24  # torch.quantile refuses more elements than this
 
 def quantile_path(x: torch.Tensor, percentile: float = 0.995) -> torch.Tensor:
     "Dynamic thresholding as imagen-pytorch writes it: torch.quantile, clamp, divide."
-    s = torch.quantile(x.abs().reshape(x.shape[0], -1), percentile, dim=-1)
+    # torch.quantile takes float32/float64 only: half-precision inputs are upcast, as such code has to
+    s = torch.quantile(x.abs().reshape(x.shape[0], -1).float(), percentile, dim=-1)
     s = s.clamp(min=1.0).view(-1, *([1] * (x.dim() - 1)))
-    return x.clamp(-s, s) / s
+    return (x.clamp(-s, s) / s).to(x.dtype)
 
 
 def median_ms(fn, x, min_time: float) -> float:
