@@ -29,12 +29,14 @@ class DiffusersUNet(nn.Module):
         super().__init__()
         from diffusers import UNet2DConditionModel
 
-        # SD's layout at laboratory width: 4 levels (1, 2, 4, 4) x width, two res blocks each, cross-attention in the
-        # three inner levels and the middle; groups of 8 channels so any multiple of 8 is a valid width.
+        # SD's blocks at laboratory width: 4 levels (1, 2, 4, 4) x width, two res blocks each, attention (self and
+        # cross) where ours has it, at the two lowest resolutions and the middle: SD's own placement, from the second
+        # level down, would attend over 128x128 tokens at 256x256 pixels (SD runs on 64x64 latents). Groups of 8
+        # channels, so that any multiple of 8 is a valid width.
         self.unet = UNet2DConditionModel(
             in_channels=in_channels, out_channels=3, block_out_channels=(width, 2 * width, 4 * width, 4 * width),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
             layers_per_block=2, cross_attention_dim=text_dim, attention_head_dim=8, norm_num_groups=8)
         self.config = SimpleNamespace(in_channels=in_channels, out_channels=3, text_dim=text_dim, aug_embed=False)
 
