@@ -42,21 +42,8 @@ void check_adaln_args(const at::Tensor& x, const at::Tensor& shift, const at::Te
 
 }  // namespace
 
-namespace isa_base {
-#include "adaln_norm_kernels.h"
-}  // namespace isa_base
-#if DEEPFUSION_REF_X86_ISAS
-DEEPFUSION_REF_BEGIN_AVX2
-namespace isa_avx2 {
-#include "adaln_norm_kernels.h"
-}  // namespace isa_avx2
-DEEPFUSION_REF_END_ISA
-DEEPFUSION_REF_BEGIN_AVX512
-namespace isa_avx512 {
-#include "adaln_norm_kernels.h"
-}  // namespace isa_avx512
-DEEPFUSION_REF_END_ISA
-#endif
+#define DEEPFUSION_REF_KERNELS "adaln_norm_kernels.h"
+#include "isa_copies.h"
 
 at::Tensor adaln_norm_cpu(const at::Tensor& x_, const at::Tensor& shift_, const at::Tensor& scale_, double eps,
                           bool rms) {

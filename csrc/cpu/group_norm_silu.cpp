@@ -171,21 +171,8 @@ struct GroupNormInputs {
 
 }  // namespace
 
-namespace isa_base {
-#include "group_norm_silu_kernels.h"
-}  // namespace isa_base
-#if DEEPFUSION_REF_X86_ISAS
-DEEPFUSION_REF_BEGIN_AVX2
-namespace isa_avx2 {
-#include "group_norm_silu_kernels.h"
-}  // namespace isa_avx2
-DEEPFUSION_REF_END_ISA
-DEEPFUSION_REF_BEGIN_AVX512
-namespace isa_avx512 {
-#include "group_norm_silu_kernels.h"
-}  // namespace isa_avx512
-DEEPFUSION_REF_END_ISA
-#endif
+#define DEEPFUSION_REF_KERNELS "group_norm_silu_kernels.h"
+#include "isa_copies.h"
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(
     const at::Tensor& x_, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,

@@ -76,25 +76,32 @@ void group_norm_silu_nchw(const scalar_t* xp, scalar_t* yp, acc_t* mean_out, acc
   });
 }
 
+// Channels-last reductions: body(task, n, r0, r1) for each (sample n, chunk of rows [r0, r1)) task, in parallel.
+template <typename F>
+void for_row_chunks(const GroupNormShape& s, int64_t chunks, int64_t rows_per_chunk, const F& body) {
+  at::parallel_for(0, s.n * chunks, gn_grain(rows_per_chunk * s.c), [&](int64_t t0, int64_t t1) {
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t n = task / chunks, r0 = (task % chunks) * rows_per_chunk;
+      body(task, n, r0, std::min(s.hw, r0 + rows_per_chunk));
+    }
+  });
+}
+
 template <typename scalar_t, typename acc_t>
 void group_norm_silu_nhwc(const scalar_t* xp, scalar_t* yp, acc_t* mean_out, acc_t* rstd_out,
                           const GroupNormParams<acc_t>& p, const GroupNormShape& s, double eps, bool act) {
   const int64_t chunks = gn_row_chunks(s), rows_per_chunk = (s.hw + chunks - 1) / chunks, C = s.c;
   std::vector<acc_t> partial(static_cast<size_t>(s.n * chunks * 2 * C), acc_t(0));
-  at::parallel_for(0, s.n * chunks, gn_grain(rows_per_chunk * C), [&](int64_t t0, int64_t t1) {
-    for (int64_t task = t0; task < t1; ++task) {
-      const int64_t n = task / chunks, r0 = (task % chunks) * rows_per_chunk;
-      const int64_t r1 = std::min(s.hw, r0 + rows_per_chunk);
-      acc_t *s1 = partial.data() + task * 2 * C, *s2 = s1 + C;
-      const scalar_t* k = xp + n * s.hw * C;  // shift: the first row of the sample
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* row = xp + (n * s.hw + r) * C;
-        _Pragma("omp simd")
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t v = static_cast<acc_t>(row[c]) - static_cast<acc_t>(k[c]);
-          s1[c] += v;
-          s2[c] += v * v;
-        }
+  for_row_chunks(s, chunks, rows_per_chunk, [&](int64_t task, int64_t n, int64_t r0, int64_t r1) {
+    acc_t *s1 = partial.data() + task * 2 * C, *s2 = s1 + C;
+    const scalar_t* k = xp + n * s.hw * C;  // shift: the first row of the sample
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t* row = xp + (n * s.hw + r) * C;
+      _Pragma("omp simd")
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t v = static_cast<acc_t>(row[c]) - static_cast<acc_t>(k[c]);
+        s1[c] += v;
+        s2[c] += v * v;
       }
     }
   });
@@ -193,21 +200,17 @@ void group_norm_silu_backward_nhwc(const scalar_t* gp, const scalar_t* xp, const
       coef[n * 3 * C + 2 * C + c] = mean_p[ng];
     }
   std::vector<acc_t> partial(static_cast<size_t>(s.n * chunks * 2 * C), acc_t(0));
-  at::parallel_for(0, s.n * chunks, gn_grain(rows_per_chunk * C), [&](int64_t t0, int64_t t1) {
-    for (int64_t task = t0; task < t1; ++task) {
-      const int64_t n = task / chunks, r0 = (task % chunks) * rows_per_chunk;
-      const int64_t r1 = std::min(s.hw, r0 + rows_per_chunk);
-      acc_t *sd = partial.data() + task * 2 * C, *sdx = sd + C;
-      const acc_t *a = coef.data() + n * 3 * C, *b = a + C, *m = b + C;
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t *row = xp + (n * s.hw + r) * C, *grow = gp + (n * s.hw + r) * C;
-        _Pragma("omp simd")
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t v = static_cast<acc_t>(row[c]);
-          const acc_t delta = act ? static_cast<acc_t>(grow[c]) * silu_grad_of(a[c] * v + b[c]) : static_cast<acc_t>(grow[c]);
-          sd[c] += delta;
-          sdx[c] += delta * (v - m[c]);
-        }
+  for_row_chunks(s, chunks, rows_per_chunk, [&](int64_t task, int64_t n, int64_t r0, int64_t r1) {
+    acc_t *sd = partial.data() + task * 2 * C, *sdx = sd + C;
+    const acc_t *a = coef.data() + n * 3 * C, *b = a + C, *m = b + C;
+    for (int64_t r = r0; r < r1; ++r) {
+      const scalar_t *row = xp + (n * s.hw + r) * C, *grow = gp + (n * s.hw + r) * C;
+      _Pragma("omp simd")
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t v = static_cast<acc_t>(row[c]);
+        const acc_t delta = act ? static_cast<acc_t>(grow[c]) * silu_grad_of(a[c] * v + b[c]) : static_cast<acc_t>(grow[c]);
+        sd[c] += delta;
+        sdx[c] += delta * (v - m[c]);
       }
     }
   });

@@ -2,8 +2,9 @@
 // ---------------------------------------------------------------------------------------------------------
 // The extension is built once, with the compiler's baseline x86-64 flags (SSE2), and must run on any x86-64
 // CPU; the PyTorch reference it competes with dispatches to AVX2 or AVX-512 kernels at run time. So each kernel
-// file includes its loops (a `*_kernels.h` with no include guard) three times, in the namespaces isa_base,
-// isa_avx2 and isa_avx512, the last two under `#pragma GCC target`, and calls the one `cpu_isa()` names.
+// file includes its loops (a `*_kernels.h` with no include guard) three times through isa_copies.h, in the
+// namespaces isa_base, isa_avx2 and isa_avx512, the last two under `#pragma GCC target`, and calls the one
+// `cpu_isa()` names.
 //
 // The pragma regions open only *after* every system and ATen header is included: an inline function or
 // template that a header defines is then compiled for the baseline wherever it is used, so the linker can never
